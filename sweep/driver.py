@@ -1,0 +1,184 @@
+"""The Ray driver: start or join a cluster, run one worker actor per GPU, collect.
+
+Everything that can be wrong with the input is checked before this module is entered
+(see cli.py); from here on, a model that fails is recorded as a failed job and the
+others go on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sweep.config import ModelsFile, TasksFile
+from sweep.plan import Job, Scheduler
+from sweep.prompts import PromptSet
+from sweep.store import RunStore
+
+# A worker that dies (SIGKILL, segfault, node loss) is replaced and its job resumed this
+# many times before the job counts as failed; its stored rows are kept either way.
+MAX_ATTEMPTS = 3
+POLL_S = 0.5
+
+
+@dataclass
+class SweepOptions:
+    run_id: str
+    run_dir: str
+    address: str | None = None
+    cpu_workers: int = 1
+    dashboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class SweepOutcome:
+    written: int = 0
+    failed: list[dict] = field(default_factory=list)
+    devices: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _start_ray(opts: SweepOptions):
+    import ray
+
+    env = {"env_vars": {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "TOKENIZERS_PARALLELISM": "false"}}
+    if opts.address:
+        return ray.init(address=opts.address, runtime_env=env, log_to_driver=True)
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    kwargs: dict[str, Any] = {}
+    if _local_gpu_count() == 0:
+        # Enough CPU slots for the requested workers (+ the progress hub, which takes none).
+        kwargs["num_cpus"] = max(os.cpu_count() or 1, opts.cpu_workers)
+    return ray.init(runtime_env=env, include_dashboard=opts.dashboard, **kwargs)
+
+
+def _local_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+def _print_dashboard(ctx) -> None:
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        print(f"Ray dashboard: http://{url}  (sign in with the token printed by `ray get-auth-token`)", flush=True)
+
+
+def run_sweep(
+    opts: SweepOptions,
+    models: ModelsFile,
+    tasks: TasksFile,
+    prompt_set: PromptSet,
+    jobs: list[Job],
+    stored: dict[tuple[str, str], int],
+) -> SweepOutcome:
+    import ray
+
+    from sweep.progress import ProgressBars, ProgressHub
+    from sweep.worker import Worker
+
+    store = RunStore(opts.run_dir)
+    outcome = SweepOutcome()
+    ctx = _start_ray(opts)
+    _print_dashboard(ctx)
+    try:
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpu_mode = cluster_gpus > 0
+        per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
+        specs = {m.name: m for m in models.models}
+        width = {m: (specs[m].gpus if gpu_mode else 1) for m in specs}
+        capacity = cluster_gpus if gpu_mode else opts.cpu_workers
+        where = f"{cluster_gpus} GPU(s)" if gpu_mode else f"{opts.cpu_workers} CPU worker(s), no GPU"
+        print(f"Run {opts.run_id}: {len(jobs)} job(s) on {where}; results in {store.results_dir}", flush=True)
+
+        runnable = []
+        for job in jobs:
+            if gpu_mode and width[job.model] > per_node:
+                err = f"needs {width[job.model]} GPUs on one node; the largest node has {per_node}"
+                store.record_failure(job.model, job.task, err)
+                outcome.failed.append({"model": job.model, "task": job.task, "error": err})
+            else:
+                runnable.append(job)
+
+        sched = Scheduler(runnable, width, capacity)
+        hub = ray.remote(num_cpus=0)(ProgressHub).options(name="sweep progress").remote()
+        worker_cls = ray.remote(Worker)
+        prompts_ref = ray.put(list(prompt_set.prompts))
+        tasks_json = tasks.model_dump(mode="json")
+        bars = ProgressBars(len(jobs) * len(prompt_set.prompts), stored, enabled=opts.progress)
+        inflight: dict[Any, tuple[Any, str, Job]] = {}
+        attempts: dict[Job, int] = {}
+        serial: dict[str, int] = {}
+
+        def assign(actor, model: str) -> bool:
+            job = sched.next_job(model)
+            if job is None:
+                return False
+            attempts[job] = attempts.get(job, 0) + 1
+            ref = actor.run_job.options(name=f"{job.model} / {job.task}").remote(job.task, prompts_ref)
+            inflight[ref] = (actor, model, job)
+            return True
+
+        def retire(actor, model: str) -> None:
+            ray.kill(actor)
+            sched.worker_stopped(model)
+
+        def fail(job: Job, error: str) -> None:
+            store.record_failure(job.model, job.task, error)
+            outcome.failed.append({"model": job.model, "task": job.task, "error": error})
+
+        while sched.has_waiting() or inflight:
+            while (model := sched.model_for_new_worker()) is not None:
+                serial[model] = serial.get(model, 0) + 1
+                slots = width[model]
+                actor = worker_cls.options(
+                    name=f"{model} #{serial[model]} [{opts.run_id}]",
+                    num_gpus=slots if gpu_mode else 0,
+                    num_cpus=0 if gpu_mode else 1,
+                    max_restarts=0,
+                ).remote(opts.run_dir, opts.run_id, specs[model].model_dump(mode="json"), tasks_json,
+                         slots if gpu_mode else 0, hub)
+                sched.worker_started(model)
+                assign(actor, model)
+            if not inflight:
+                break
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+            bars.update(ray.get(hub.snapshot.remote()))
+            for ref in ready:
+                actor, model, job = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    sched.worker_stopped(model)
+                    if attempts[job] < MAX_ATTEMPTS:
+                        print(f"\nworker for {job} died ({type(exc).__name__}); resuming the job on a new worker", flush=True)
+                        sched.requeue(job)
+                    else:
+                        fail(job, f"worker died {attempts[job]} times; last: {exc}")
+                    continue
+                outcome.written += result.get("written", 0)
+                if result["device"] not in outcome.devices:
+                    outcome.devices.append(result["device"])
+                if result["ok"]:
+                    store.clear_failure(job.model, job.task)
+                    if not assign(actor, model):
+                        retire(actor, model)
+                    continue
+                fail(job, result["error"])
+                retire(actor, model)  # after an error (OOM...) the process state is suspect
+                if result["phase"] == "load":
+                    for dropped in sched.drop_model(model):
+                        fail(dropped, f"model did not load: {result['error']}")
+        bars.update(ray.get(hub.snapshot.remote()))
+        bars.close()
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        ray.shutdown()
+    return outcome

@@ -1,0 +1,61 @@
+"""Progress of a sweep: workers report to a small hub actor, the driver draws tqdm bars.
+
+Bars: one for the whole sweep (requests done / planned) and one per running job.
+"""
+
+from __future__ import annotations
+
+from tqdm import tqdm
+
+
+class ProgressHub:
+    """Counts per job; Ray wraps it as an actor. Workers call it fire-and-forget."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], list] = {}  # (model, task) -> [done, total, running]
+
+    def start(self, model: str, task: str, done: int, total: int) -> None:
+        self.jobs[(model, task)] = [done, total, True]
+
+    def advance(self, model: str, task: str, n: int = 1) -> None:
+        self.jobs[(model, task)][0] += n
+
+    def finish(self, model: str, task: str) -> None:
+        if (model, task) in self.jobs:
+            self.jobs[(model, task)][2] = False
+
+    def snapshot(self) -> dict[tuple[str, str], list]:
+        return self.jobs
+
+
+class ProgressBars:
+    """Terminal view of a hub snapshot."""
+
+    def __init__(self, planned_total: int, stored: dict[tuple[str, str], int], enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.stored = dict(stored)  # requests already stored per job when the run started
+        self.overall = tqdm(total=planned_total, initial=sum(self.stored.values()), desc="sweep", unit="req",
+                            position=0, disable=not enabled, dynamic_ncols=True)
+        self.bars: dict[tuple[str, str], tqdm] = {}
+
+    def update(self, snapshot: dict[tuple[str, str], list]) -> None:
+        for key, (done, total, running) in snapshot.items():
+            self.stored[key] = done
+            bar = self.bars.get(key)
+            if running and bar is None:
+                bar = self.bars[key] = tqdm(total=total, initial=done, desc=f"{key[0]} / {key[1]}", unit="req",
+                                            position=len(self.bars) + 1, leave=False, disable=not self.enabled,
+                                            dynamic_ncols=True)
+            if bar is not None:
+                bar.n = done
+                bar.refresh()
+                if not running:
+                    bar.close()
+                    del self.bars[key]
+        self.overall.n = sum(self.stored.values())
+        self.overall.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.overall.close()

@@ -1,0 +1,151 @@
+"""The Ray actor of one GPU (or of `gpus` GPUs, or one CPU slot): load, measure, store.
+
+The actor loads its model on the first job and keeps it for every later job of the same
+model. Each request is bracketed by an energy window on the actor's own GPUs, and its
+row goes to the run's store before the next request starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import traceback
+from datetime import datetime, timezone
+from typing import Any
+
+from sweep.config import ModelSpec, TasksFile
+from sweep.prompts import Prompt
+from sweep.store import RunStore, job_slug
+
+
+def request_seed(seed: int, task: str, prompt_id: str) -> int:
+    """Sampling seed of one request: the same for every model and every rerun."""
+    return int.from_bytes(hashlib.sha1(f"{seed}\0{task}\0{prompt_id}".encode()).digest()[:4], "little")
+
+
+def _device_info(num_gpus: int) -> dict[str, Any]:
+    info: dict[str, Any] = {"host": socket.gethostname(), "gpu_index": None, "gpu_name": "CPU", "driver_version": None}
+    import torch
+
+    if num_gpus and torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")
+        info["gpu_index"] = int(visible[0]) if visible[0].isdigit() else 0
+        info["gpu_indices"] = visible[:num_gpus]
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["driver_version"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            pass
+    return info
+
+
+class Worker:
+    """One model on `num_gpus` GPUs (0: a CPU worker). Ray wraps this class in the driver."""
+
+    def __init__(self, run_dir: str, run_id: str, spec: dict, tasks: dict, num_gpus: int, hub: Any) -> None:
+        self.store = RunStore(run_dir)
+        self.run_id = run_id
+        self.spec = ModelSpec.model_validate(spec)
+        self.tasks = TasksFile.model_validate(tasks)
+        self.num_gpus = num_gpus
+        self.hub = hub
+        self.backend = None
+        self.meter = None
+        self.idle_power_w: float | None = None
+        self.device = _device_info(num_gpus)
+
+    def _load(self, prompts: list[Prompt], system_prompt: str) -> None:
+        import torch
+
+        from sweep.backend import TransformersBackend
+        from sweep.meter import EnergyMeter
+
+        if not self.num_gpus:
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        device = "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
+        self.backend = TransformersBackend(self.spec, self.tasks.generation, device)
+        self.meter = EnergyMeter(self.num_gpus if device == "cuda" else 0)
+        # Warm-up (not stored): first CUDA kernels, allocator growth, static-cache compile.
+        for p in prompts[: self.tasks.generation.warmup_requests]:
+            self.backend.generate(system_prompt, p.text, seed=0)
+        self.idle_power_w = self.meter.idle_power_w()
+
+    def run_job(self, task_name: str, prompts: list[Prompt]) -> dict[str, Any]:
+        """Run every prompt of (this model, task_name) not yet stored. Never raises for a
+        model problem: returns {"ok": False, "phase": "load"|"generate", "error": ...}."""
+        model = self.spec.name
+        slug = job_slug(model, task_name)
+        system_prompt = next(t.system_prompt for t in self.tasks.tasks if t.name == task_name)
+        phase = "load"
+        written = 0
+        try:
+            with self.store.job_lock(slug):
+                self.store.recover_wal(slug, model, task_name)
+                done = self.store.done_prompt_ids(model, task_name).get((model, task_name), set())
+                todo = [p for p in prompts if p.prompt_id not in done]
+                self.hub.start.remote(model, task_name, len(prompts) - len(todo), len(prompts))
+                if todo and self.backend is None:
+                    self._load(prompts, system_prompt)
+                phase = "generate"
+                writer = self.store.writer(slug)
+                try:
+                    for prompt in todo:
+                        writer.append(self._measure(task_name, system_prompt, prompt))
+                        written += 1
+                        self.hub.advance.remote(model, task_name)
+                finally:
+                    writer.close()
+        except Exception as exc:
+            return {"ok": False, "phase": phase, "written": written, "device": self.device,
+                    "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        finally:
+            self.hub.finish.remote(model, task_name)
+        return {"ok": True, "written": written, "device": self.device}
+
+    def _measure(self, task: str, system_prompt: str, prompt: Prompt) -> dict[str, Any]:
+        g = self.tasks.generation
+        started_at = datetime.now(timezone.utc)
+        self.meter.begin(prompt.prompt_id)
+        out = self.backend.generate(system_prompt, prompt.text, seed=request_seed(self.tasks.prompts.seed, task, prompt.prompt_id))
+        reading = self.meter.end(prompt.prompt_id)
+        energy = reading.energy_j
+        return {
+            "run_id": self.run_id,
+            "model": self.spec.name,
+            "model_path": self.spec.path,
+            "task": task,
+            "prompt_id": prompt.prompt_id,
+            "host": self.device["host"],
+            "gpu_name": self.device["gpu_name"],
+            "gpu_index": self.device["gpu_index"],
+            "num_gpus": self.num_gpus,
+            "params_b": self.backend.params_b,
+            "prompt_tokens": out.prompt_tokens,
+            "prompt_truncated": out.prompt_truncated,
+            "response_tokens": out.response_tokens,
+            "latency_s": out.latency_s,
+            "ttft_s": out.ttft_s,
+            "throughput_tok_s": out.response_tokens / out.latency_s if out.latency_s > 0 else None,
+            "energy_j": energy,
+            "energy_per_token_j": energy / out.response_tokens if energy is not None and out.response_tokens else None,
+            "idle_power_w": self.idle_power_w,
+            "energy_above_idle_j": (
+                energy - self.idle_power_w * reading.time_s if energy is not None and self.idle_power_w is not None else None
+            ),
+            "energy_note": reading.note,
+            "stop_reason": out.stop_reason,
+            "response": out.response,
+            "started_at": started_at,
+            "backend": self.backend.name,
+            "dtype": self.backend.dtype_name,
+            "template": self.backend.template.name,
+            "temperature": g.temperature,
+            "top_p": g.top_p,
+            "repetition_penalty": g.repetition_penalty,
+            "max_new_tokens": g.max_new_tokens,
+            "cache_implementation": g.cache_implementation,
+        }
