@@ -45,7 +45,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # ~0.4M parameters: CPU tests and the offline default lineup.
     "llama-tiny": Preset(64, 176, 2, 4, 2),
-    # ~1.8M parameters: a second, larger CPU model.
+    # ~1.3M parameters: a second, larger CPU model.
     "llama-small": Preset(128, 352, 4, 4, 2),
     # TinyLlama-1.1B's shape (22 layers, 2048 hidden, 32 heads / 4 KV heads, 32000 vocab).
     "tinyllama-1.1b": Preset(2048, 5632, 22, 32, 4, vocab_size=32000),

@@ -80,6 +80,7 @@ def cmd_run(argv: list[str]) -> int:
         return 0
 
     store.create()
+    store.write_prompts(prompt_set.prompts)
     if manifest is None:
         prompt_info = {"source": prompt_set.source, "count": len(prompt_set.prompts),
                        "available": prompt_set.available, "skipped_empty": prompt_set.skipped_empty}

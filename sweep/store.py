@@ -1,6 +1,7 @@
 """The run directory: manifest, per-request Parquet dataset, write-ahead log, failures.
 
     runs/<run_id>/manifest.json        config snapshot, versions, GPUs, host, times
+    runs/<run_id>/prompts.parquet      prompt_id -> prompt text, for every prompt of the run
     runs/<run_id>/results/*.parquet    one row per request (the dataset)
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
@@ -111,6 +112,26 @@ class RunStore:
 
     def write_manifest(self, manifest: dict) -> None:
         _write_json_atomic(self.manifest_path, manifest)
+
+    # -- the prompts of the run (text once, rows refer to it by prompt_id) --------------
+    @property
+    def prompts_path(self) -> Path:
+        return self.run_dir / "prompts.parquet"
+
+    def write_prompts(self, prompts) -> None:
+        if self.prompts_path.is_file():
+            return
+        table = pa.table({"prompt_id": [p.prompt_id for p in prompts], "prompt": [p.text for p in prompts]})
+        tmp = self.run_dir / f".prompts.{uuid.uuid4().hex}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.prompts_path)
+
+    def read_prompts(self):
+        import pandas as pd
+
+        if not self.prompts_path.is_file():
+            return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "prompt": pd.Series(dtype=str)})
+        return pd.read_parquet(self.prompts_path)
 
     # -- the dataset ------------------------------------------------------------------
     def dataset(self) -> ds.Dataset:

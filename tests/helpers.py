@@ -34,3 +34,41 @@ def run_sweep_cli(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "sweep", *map(str, args)],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
     )
+
+
+def synthetic_rows(run_id, model, task, energies, tokens, gpu_name="NVIDIA H200", gpu_index=0, latency=None,
+                   model_path=None, params_b=1.1):
+    """Per-request rows in the results schema, with chosen energies (J) and lengths (tokens)."""
+    from datetime import datetime, timedelta, timezone
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    rows = []
+    for i, (e, n) in enumerate(zip(energies, tokens)):
+        lat = latency[i] if latency else n / 50.0
+        rows.append({
+            "run_id": run_id, "model": model, "model_path": model_path or f"org/{model}", "task": task,
+            "prompt_id": f"p{i}", "host": "h", "gpu_name": gpu_name, "gpu_index": gpu_index, "num_gpus": 1,
+            "params_b": params_b, "prompt_tokens": 10, "prompt_truncated": False, "response_tokens": n,
+            "latency_s": lat, "ttft_s": 0.01, "throughput_tok_s": n / lat, "energy_j": e,
+            "energy_per_token_j": None if e is None else e / n, "idle_power_w": 100.0,
+            "energy_above_idle_j": None if e is None else e - 100.0 * lat, "energy_note": None if e is not None else "x",
+            "stop_reason": "stop_token", "response": f"answer {i} of {model}", "started_at": t0 + timedelta(seconds=i),
+            "backend": "transformers", "dtype": "float16", "template": "fastchat:vicuna_v1.1", "temperature": 0.7,
+            "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 512, "cache_implementation": "dynamic",
+        })
+    return rows
+
+
+def make_run(root, run_id, jobs):
+    """A finished per-request run under root/run_id; jobs: list of synthetic_rows(...) lists."""
+    from sweep.prompts import Prompt
+    from sweep.store import RunStore, job_slug
+
+    store = RunStore(Path(root) / run_id)
+    store.create()
+    store.write_manifest({"run_id": run_id, "kind": "per-request", "prompts": {"count": 3},
+                          "sessions": [{"started_at": "x", "finished_at": "y"}]})
+    store.write_prompts([Prompt(f"p{i}", f"prompt number {i}") for i in range(10)])
+    for rows in jobs:
+        store.write_part(rows, job_slug(rows[0]["model"], rows[0]["task"]))
+    return store

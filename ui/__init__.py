@@ -1,0 +1,1 @@
+"""Browser UI over the runs folder (Gradio)."""

@@ -1,0 +1,150 @@
+"""What the UI shows, read from the runs folder: aggregates, per-request rows, prompts.
+
+Each run is re-read only when its files change (a cheap directory listing decides), so
+the page can poll every few seconds while a sweep writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sweep.report import AGGREGATES_FILE, aggregate
+from sweep.store import RunStore
+
+# Columns of the leaderboard, in order, with their units for the header.
+DISPLAY = {
+    "run_id": "run",
+    "gpu": "gpu",
+    "model": "model",
+    "task": "task",
+    "parameters": "parameters (B)",
+    "energy": "energy (J)",
+    "energy_ci": "energy 95% CI (J)",
+    "energy_per_token": "energy/token (J)",
+    "throughput": "throughput (tok/s)",
+    "response_length": "response_length (tok)",
+    "latency": "latency (s)",
+    "responses": "responses",
+    "arc": "arc",
+    "hellaswag": "hellaswag",
+    "truthfulqa": "truthfulqa",
+}
+NUMERIC = ["parameters", "energy", "energy_per_token", "throughput", "response_length", "latency", "responses",
+           "arc", "hellaswag", "truthfulqa", "energy_ci_low", "energy_ci_high", "ttft", "energy_above_idle"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_url(path: str | None) -> str | None:
+    """The hub page of a model path that is a hub id (not a local dir or random: preset)."""
+    if not path or not _HUB_ID.match(path) or os.path.exists(path):
+        return None
+    return f"https://huggingface.co/{path}"
+
+
+@dataclass
+class _Cached:
+    fingerprint: tuple
+    aggregates: pd.DataFrame
+    rows: pd.DataFrame | None
+
+
+@dataclass
+class RunsFolder:
+    root: Path
+    _cache: dict[str, _Cached] = field(default_factory=dict)
+
+    def run_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if (p / "manifest.json").is_file())
+
+    @staticmethod
+    def _fingerprint(run_dir: Path) -> tuple:
+        names = []
+        for sub in (run_dir / "results", run_dir):
+            if sub.is_dir():
+                names += [(e.name, e.stat().st_mtime_ns) for e in os.scandir(sub) if e.name.endswith(".parquet")]
+        return tuple(sorted(names))
+
+    def _load(self, run_dir: Path) -> _Cached:
+        fp = self._fingerprint(run_dir)
+        hit = self._cache.get(run_dir.name)
+        if hit is not None and hit.fingerprint == fp:
+            return hit
+        if (run_dir / AGGREGATES_FILE).is_file():
+            agg, rows = pd.read_parquet(run_dir / AGGREGATES_FILE), None
+        else:
+            rows = RunStore(run_dir).read_results()
+            agg = aggregate(rows)
+            if not agg.empty:
+                agg["url"] = agg["model_path"].map(hub_url)
+        hit = self._cache[run_dir.name] = _Cached(fp, agg, rows)
+        return hit
+
+    def aggregates(self) -> pd.DataFrame:
+        frames = [self._load(d).aggregates for d in self.run_dirs()]
+        frames = [f for f in frames if not f.empty]
+        if not frames:
+            return pd.DataFrame(columns=list(DISPLAY) + ["url"])
+        agg = pd.concat(frames, ignore_index=True)
+        for col in NUMERIC + ["url"]:
+            if col not in agg:
+                agg[col] = np.nan
+        return agg
+
+    def rows(self, run_id: str) -> pd.DataFrame | None:
+        """Per-request rows of a run (None for aggregate-only runs)."""
+        run_dir = self.root / run_id
+        return self._load(run_dir).rows if (run_dir / "manifest.json").is_file() else None
+
+    def prompts(self, run_id: str) -> pd.DataFrame:
+        return RunStore(self.root / run_id).read_prompts()
+
+    def manifest(self, run_id: str) -> dict:
+        return json.loads((self.root / run_id / "manifest.json").read_text())
+
+
+def pareto_front(x: pd.Series, y: pd.Series) -> pd.Series:
+    """True where no other point is at least as good on both (lower x, lower y) and better on one."""
+    xs, ys = x.to_numpy(float), y.to_numpy(float)
+    on = np.zeros(len(xs), dtype=bool)
+    for i in range(len(xs)):
+        if np.isnan(xs[i]) or np.isnan(ys[i]):
+            continue
+        dominated = (xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i]))
+        on[i] = not dominated.any()
+    return pd.Series(on, index=x.index)
+
+
+def verbosity(agg: pd.DataFrame) -> pd.DataFrame:
+    """Per (run, gpu, model): response length and energy under each task and its concise
+    twin, and what the concise prompt saved (percent)."""
+    out = []
+    for base in ("chat", "instruct"):
+        concise = f"{base}-concise"
+        a = agg[agg["task"] == base].set_index(["run_id", "gpu", "model"])
+        b = agg[agg["task"] == concise].set_index(["run_id", "gpu", "model"])
+        both = a.index.intersection(b.index)
+        if both.empty:
+            continue
+        a, b = a.loc[both], b.loc[both]
+        out.append(pd.DataFrame({
+            "pair": f"{base} vs {concise}",
+            "parameters": a["parameters"],
+            f"length": a["response_length"],
+            "length concise": b["response_length"],
+            "energy (J)": a["energy"],
+            "energy concise (J)": b["energy"],
+            "length saved %": 100 * (1 - b["response_length"] / a["response_length"]),
+            "energy saved %": 100 * (1 - b["energy"] / a["energy"]),
+        }).reset_index())
+    if not out:
+        return pd.DataFrame()
+    return pd.concat(out, ignore_index=True).sort_values(["pair", "energy saved %"], ascending=[True, False])
