@@ -76,6 +76,8 @@ class TransformersBackend:
         self.params_b = spec.params_b or sum(p.numel() for p in self.model.parameters()) / 1e9
         self.template: ChatTemplate = resolve(spec.path, spec.conv_template, self.tokenizer, self.model.generation_config)
         self._input_device = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = pad if pad is not None else (self.template.stop_token_ids or (None,))[0]
 
     @property
     def dtype_name(self) -> str:
@@ -103,7 +105,7 @@ class TransformersBackend:
             top_p=s.top_p,
             repetition_penalty=s.repetition_penalty,
             eos_token_id=list(self.template.stop_token_ids) or None,
-            pad_token_id=self.tokenizer.pad_token_id or (self.template.stop_token_ids or [None])[0],
+            pad_token_id=self._pad_id,
             streamer=clock,
         )
         if self.template.stop_strings:

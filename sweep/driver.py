@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sweep.config import ModelsFile, TasksFile
@@ -39,6 +40,15 @@ class SweepOutcome:
     failed: list[dict] = field(default_factory=list)
     devices: list[dict] = field(default_factory=list)
     interrupted: bool = False
+
+
+def _auth_for_joining(opts: SweepOptions) -> None:
+    """A cluster from `ray start` uses token auth; a driver given an explicit address only
+    sends the token in token mode, which Ray reads when first imported: turn it on, before
+    that import, when a token is at hand."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if opts.address and "RAY_AUTH_MODE" not in os.environ and ("RAY_AUTH_TOKEN" in os.environ or token_file.is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _start_ray(opts: SweepOptions):
@@ -78,6 +88,7 @@ def run_sweep(
     jobs: list[Job],
     stored: dict[tuple[str, str], int],
 ) -> SweepOutcome:
+    _auth_for_joining(opts)
     import ray
 
     from sweep.progress import ProgressBars, ProgressHub

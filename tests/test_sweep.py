@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import psutil
@@ -191,3 +192,34 @@ def test_a_model_that_fails_to_load_is_recorded_and_the_rest_finish(tmp_path):
     assert {f["task"] for f in failures} == {"chat", "instruct"} and all(f["model"] == "broken" for f in failures)
     df = pd.read_parquet(out / "f" / "results")
     assert set(df["model"]) == {"ok"} and len(df) == 2 * 4
+
+
+def test_joins_an_existing_cluster_with_address(tmp_path):
+    import socket
+    import tempfile
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # --block keeps this cluster tied to one process group, which the test ends (no `ray stop`,
+    # which would stop every Ray cluster on the machine)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port),
+                             "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", temp_dir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        proc = None
+        for _ in range(3):  # the head takes a few seconds to come up
+            time.sleep(5)
+            proc = run_sweep_cli("--config", LINEUP, "--tasks", tasks_yaml(tmp_path, tasks=("chat",)), "--out",
+                                 tmp_path / "runs", "--run-id", "c", "--address", f"127.0.0.1:{port}",
+                                 "--cpu-workers", "2", "--no-progress")
+            if proc.returncode == 0:
+                break
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"Connecting to existing Ray cluster at address: " in proc.stderr and f":{port}" in proc.stderr
+    df = pd.read_parquet(tmp_path / "runs" / "c" / "results")
+    assert len(df) == 2 * 4
