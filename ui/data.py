@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from sweep.report import AGGREGATES_FILE, aggregate
-from sweep.store import RunStore
+from sweep.store import RESULT_SCHEMA, RunStore
 
 # Columns of the leaderboard, in order, with their units for the header.
 DISPLAY = {
@@ -53,6 +54,7 @@ class _Cached:
     fingerprint: tuple
     aggregates: pd.DataFrame
     rows: pd.DataFrame | None
+    parts: dict[str, pd.DataFrame] = field(default_factory=dict)  # part file name -> its rows
 
 
 @dataclass
@@ -70,7 +72,8 @@ class RunsFolder:
         names = []
         for sub in (run_dir / "results", run_dir):
             if sub.is_dir():
-                names += [(e.name, e.stat().st_mtime_ns) for e in os.scandir(sub) if e.name.endswith(".parquet")]
+                names += [(e.name, e.stat().st_mtime_ns) for e in os.scandir(sub)
+                          if e.name.endswith(".parquet") and not e.name.startswith(".")]
         return tuple(sorted(names))
 
     def _load(self, run_dir: Path) -> _Cached:
@@ -79,13 +82,21 @@ class RunsFolder:
         if hit is not None and hit.fingerprint == fp:
             return hit
         if (run_dir / AGGREGATES_FILE).is_file():
-            agg, rows = pd.read_parquet(run_dir / AGGREGATES_FILE), None
+            hit = _Cached(fp, pd.read_parquet(run_dir / AGGREGATES_FILE), None)
         else:
-            rows = RunStore(run_dir).read_results()
+            # Part files are written once and never change: read only the new ones.
+            old = hit.parts if hit is not None else {}
+            results = run_dir / "results"
+            names = sorted(e.name for e in os.scandir(results) if e.name.endswith(".parquet")
+                           and not e.name.startswith(".")) if results.is_dir() else []
+            parts = {n: old[n] if n in old else pq.read_table(results / n, schema=RESULT_SCHEMA).to_pandas()
+                     for n in names}
+            rows = pd.concat(parts.values(), ignore_index=True) if parts else RunStore(run_dir).read_results()
             agg = aggregate(rows)
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
-        hit = self._cache[run_dir.name] = _Cached(fp, agg, rows)
+            hit = _Cached(fp, agg, rows, parts)
+        self._cache[run_dir.name] = hit
         return hit
 
     def aggregates(self) -> pd.DataFrame:
