@@ -65,7 +65,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
                 response_length=g["response_tokens"].mean(),
                 latency=g["latency_s"].mean(),
                 ttft=g["ttft_s"].mean(),
-                energy_note=None if len(measured) else g["energy_note"].dropna().iloc[0] if g["energy_note"].notna().any() else None,
+                energy_note=None if len(measured) else next(iter(g["energy_note"].dropna()), None),
             )
         )
     return pd.DataFrame(out)
