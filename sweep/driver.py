@@ -96,6 +96,7 @@ def run_sweep(
 
     store = RunStore(opts.run_dir)
     outcome = SweepOutcome()
+    bars = None
     ctx = _start_ray(opts)
     _print_dashboard(ctx)
     try:
@@ -173,7 +174,6 @@ def run_sweep(
                     else:
                         fail(job, f"worker died {attempts[job]} times; last: {exc}")
                     continue
-                outcome.written += result.get("written", 0)
                 if result["device"] not in outcome.devices:
                     outcome.devices.append(result["device"])
                 if result["ok"]:
@@ -190,6 +190,12 @@ def run_sweep(
         bars.close()
     except KeyboardInterrupt:
         outcome.interrupted = True
+        try:  # count what the interrupted jobs stored (their rows are safe in the log)
+            bars.update(ray.get(hub.snapshot.remote(), timeout=5))
+        except Exception:
+            pass
     finally:
+        if bars is not None:
+            outcome.written = sum(bars.stored.values()) - sum(stored.values())
         ray.shutdown()
     return outcome

@@ -139,16 +139,22 @@ class RunStore:
         return ds.dataset(self.results_dir, format="parquet", schema=RESULT_SCHEMA)
 
     def done_prompt_ids(self, model: str | None = None, task: str | None = None) -> dict[tuple[str, str], set[str]]:
-        """{(model, task): stored prompt ids}, optionally for one job only."""
-        if not self.results_dir.is_dir():
-            return {}
-        flt = None
-        if model is not None:
-            flt = (ds.field("model") == model) & (ds.field("task") == task)
-        table = self.dataset().to_table(columns=["model", "task", "prompt_id"], filter=flt)
+        """{(model, task): stored prompt ids}, optionally for one job only. Rows still only
+        in a write-ahead log count as stored: the job moves them into the dataset first."""
         done: dict[tuple[str, str], set[str]] = {}
-        for m, t, p in zip(*(table.column(c).to_pylist() for c in ("model", "task", "prompt_id"))):
-            done.setdefault((m, t), set()).add(p)
+        if self.results_dir.is_dir():
+            flt = None
+            if model is not None:
+                flt = (ds.field("model") == model) & (ds.field("task") == task)
+            table = self.dataset().to_table(columns=["model", "task", "prompt_id"], filter=flt)
+            for m, t, p in zip(*(table.column(c).to_pylist() for c in ("model", "task", "prompt_id"))):
+                done.setdefault((m, t), set()).add(p)
+        wals = [self.wal_dir / f"{job_slug(model, task)}.jsonl"] if model is not None else self.wal_dir.glob("*.jsonl")
+        for wal in wals:
+            if not wal.is_file():
+                continue
+            for row in _read_wal(wal):
+                done.setdefault((row["model"], row["task"]), set()).add(row["prompt_id"])
         return done
 
     def write_part(self, rows: list[dict], slug: str) -> Path:
@@ -191,13 +197,11 @@ class RunStore:
         wal = self.wal_dir / f"{slug}.jsonl"
         if not wal.is_file():
             return 0
-        rows = []
-        for line in wal.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by the crash
-                continue
-        done = self.done_prompt_ids(model, task).get((model, task), set())
+        rows = _read_wal(wal)
+        done: set[str] = set()
+        if self.results_dir.is_dir():
+            flt = (ds.field("model") == model) & (ds.field("task") == task)
+            done = set(self.dataset().to_table(columns=["prompt_id"], filter=flt).column("prompt_id").to_pylist())
         fresh: dict[str, dict] = {}
         for row in rows:
             if row["prompt_id"] not in done:
@@ -224,6 +228,16 @@ class RunStore:
         if not self.failures_dir.is_dir():
             return []
         return [json.loads(p.read_text()) for p in sorted(self.failures_dir.glob("*.json"))]
+
+
+def _read_wal(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return rows
 
 
 def _revive(row: dict) -> dict:

@@ -223,3 +223,20 @@ def test_joins_an_existing_cluster_with_address(tmp_path):
     assert f"Connecting to existing Ray cluster at address: " in proc.stderr and f":{port}" in proc.stderr
     df = pd.read_parquet(tmp_path / "runs" / "c" / "results")
     assert len(df) == 2 * 4
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path):
+    out = tmp_path / "runs"
+    run_dir = out / "i"
+    cmd, proc = _start(tmp_path, out, "i", prompts=30)
+    _wait_for_rows(run_dir, 6, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout.decode()[-2000:]
+    assert "Rerun with --run-id i to finish" in stdout.decode()
+    at_stop = _stored_ids(run_dir)
+    rerun = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    df = pd.read_parquet(run_dir / "results")
+    assert len(df) == 60 and not df.duplicated(["model", "task", "prompt_id"]).any()
+    assert at_stop <= set(zip(df["model"], df["prompt_id"]))
