@@ -119,7 +119,7 @@ def run_sweep(
                 runnable.append(job)
 
         sched = Scheduler(runnable, width, capacity)
-        hub = ray.remote(num_cpus=0)(ProgressHub).options(name="sweep progress").remote()
+        hub = ray.remote(num_cpus=0)(ProgressHub).options(name=f"sweep progress [{opts.run_id}]").remote()
         worker_cls = ray.remote(Worker)
         prompts_ref = ray.put(list(prompt_set.prompts))
         tasks_json = tasks.model_dump(mode="json")
