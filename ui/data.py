@@ -149,7 +149,7 @@ def verbosity(agg: pd.DataFrame) -> pd.DataFrame:
         out.append(pd.DataFrame({
             "pair": f"{base} vs {concise}",
             "parameters": a["parameters"],
-            f"length": a["response_length"],
+            "length": a["response_length"],
             "length concise": b["response_length"],
             "energy (J)": a["energy"],
             "energy concise (J)": b["energy"],
