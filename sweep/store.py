@@ -138,17 +138,21 @@ class RunStore:
         # A fresh object each call: a dataset object does not see files added later.
         return ds.dataset(self.results_dir, format="parquet", schema=RESULT_SCHEMA)
 
+    def _dataset_ids(self, model: str | None, task: str | None) -> dict[tuple[str, str], set[str]]:
+        """{(model, task): prompt ids in the Parquet dataset}, optionally for one job."""
+        done: dict[tuple[str, str], set[str]] = {}
+        if not self.results_dir.is_dir():
+            return done
+        flt = None if model is None else (ds.field("model") == model) & (ds.field("task") == task)
+        table = self.dataset().to_table(columns=["model", "task", "prompt_id"], filter=flt)
+        for m, t, p in zip(*(table.column(c).to_pylist() for c in ("model", "task", "prompt_id"))):
+            done.setdefault((m, t), set()).add(p)
+        return done
+
     def done_prompt_ids(self, model: str | None = None, task: str | None = None) -> dict[tuple[str, str], set[str]]:
         """{(model, task): stored prompt ids}, optionally for one job only. Rows still only
         in a write-ahead log count as stored: the job moves them into the dataset first."""
-        done: dict[tuple[str, str], set[str]] = {}
-        if self.results_dir.is_dir():
-            flt = None
-            if model is not None:
-                flt = (ds.field("model") == model) & (ds.field("task") == task)
-            table = self.dataset().to_table(columns=["model", "task", "prompt_id"], filter=flt)
-            for m, t, p in zip(*(table.column(c).to_pylist() for c in ("model", "task", "prompt_id"))):
-                done.setdefault((m, t), set()).add(p)
+        done = self._dataset_ids(model, task)
         wals = [self.wal_dir / f"{job_slug(model, task)}.jsonl"] if model is not None else self.wal_dir.glob("*.jsonl")
         for wal in wals:
             if not wal.is_file():
@@ -198,10 +202,7 @@ class RunStore:
         if not wal.is_file():
             return 0
         rows = _read_wal(wal)
-        done: set[str] = set()
-        if self.results_dir.is_dir():
-            flt = (ds.field("model") == model) & (ds.field("task") == task)
-            done = set(self.dataset().to_table(columns=["prompt_id"], filter=flt).column("prompt_id").to_pylist())
+        done = self._dataset_ids(model, task).get((model, task), set())
         fresh: dict[str, dict] = {}
         for row in rows:
             if row["prompt_id"] not in done:

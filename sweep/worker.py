@@ -81,7 +81,6 @@ class Worker:
         slug = job_slug(model, task_name)
         system_prompt = next(t.system_prompt for t in self.tasks.tasks if t.name == task_name)
         phase = "load"
-        written = 0
         try:
             with self.store.job_lock(slug):
                 self.store.recover_wal(slug, model, task_name)
@@ -95,16 +94,15 @@ class Worker:
                 try:
                     for prompt in todo:
                         writer.append(self._measure(task_name, system_prompt, prompt))
-                        written += 1
                         self.hub.advance.remote(model, task_name)
                 finally:
                     writer.close()
         except Exception as exc:
-            return {"ok": False, "phase": phase, "written": written, "device": self.device,
+            return {"ok": False, "phase": phase, "device": self.device,
                     "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         finally:
             self.hub.finish.remote(model, task_name)
-        return {"ok": True, "written": written, "device": self.device}
+        return {"ok": True, "device": self.device}
 
     def _measure(self, task: str, system_prompt: str, prompt: Prompt) -> dict[str, Any]:
         g = self.tasks.generation

@@ -114,14 +114,19 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                 d_length = gr.BarPlot(x="bin", y="responses", label="Response length (tokens)")
             d_samples = gr.Dataframe(interactive=False, wrap=True, label="Sample prompts and responses")
 
+        def on_filter(runs, gpus, task, custom_cols, x, y, color):
+            tbl, dl, df = table_outputs(runs, gpus, task, custom_cols)
+            sc, fr = plot_outputs(df, x, y, color)
+            agg = folder.aggregates()
+            verb = verbosity(filter_aggregates(agg, runs or [], gpus or [], None))
+            return tbl, dl, df, sc, fr, verb, verb
+
         def refresh(runs, gpus, task, custom_cols, x, y, color, old_runs, old_gpus, detail_run):
             agg, all_runs, all_gpus, all_tasks = current()
             # keep the user's choices; new runs/GPUs (a sweep just started writing) come in ticked
             runs = [r for r in all_runs if r in (runs or []) or r not in (old_runs or [])]
             gpus = [g for g in all_gpus if g in (gpus or []) or g not in (old_gpus or [])]
-            tbl, dl, df = table_outputs(runs, gpus, task, custom_cols)
-            sc, fr = plot_outputs(df, x, y, color)
-            verb = verbosity(filter_aggregates(agg, runs, gpus, None))
+            views = on_filter(runs, gpus, task, custom_cols, x, y, color)
             manifests = {r: folder.manifest(r) for r in all_runs}
             status = f"{live_status(agg, manifests)}  \n_updated {time.strftime('%H:%M:%S')}_"
             unchanged = all_runs == (old_runs or []) and all_gpus == (old_gpus or []) and detail_run is not None
@@ -132,20 +137,13 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                 widgets = (gr.CheckboxGroup(choices=all_runs, value=runs), gr.CheckboxGroup(choices=all_gpus, value=gpus),
                            gr.Radio(choices=all_tasks, value=task if task in all_tasks else None),
                            gr.Dropdown(choices=per_request, value=detail_run or (per_request[0] if per_request else None)))
-            return (*widgets[:3], tbl, dl, df, sc, fr, verb, verb, status, widgets[3], all_runs, all_gpus)
+            return (*widgets[:3], *views, status, widgets[3], all_runs, all_gpus)
 
         known_runs = gr.State(runs0)
         known_gpus = gr.State(gpus0)
         refresh_outputs = [runs_in, gpus_in, task_in, table, download, filtered, scatter, front,
                            verb_table, verb_plot, live, d_run, known_runs, known_gpus]
         refresh_inputs = [runs_in, gpus_in, task_in, custom, x_in, y_in, color_in, known_runs, known_gpus, d_run]
-
-        def on_filter(runs, gpus, task, custom_cols, x, y, color):
-            tbl, dl, df = table_outputs(runs, gpus, task, custom_cols)
-            sc, fr = plot_outputs(df, x, y, color)
-            agg = folder.aggregates()
-            verb = verbosity(filter_aggregates(agg, runs or [], gpus or [], None))
-            return tbl, dl, df, sc, fr, verb, verb
 
         filter_inputs = [runs_in, gpus_in, task_in, custom, x_in, y_in, color_in]
         filter_outputs = [table, download, filtered, scatter, front, verb_table, verb_plot]

@@ -68,34 +68,33 @@ class RunsFolder:
         return sorted(p for p in self.root.iterdir() if (p / "manifest.json").is_file())
 
     @staticmethod
-    def _fingerprint(run_dir: Path) -> tuple:
-        names = []
-        for sub in (run_dir / "results", run_dir):
-            if sub.is_dir():
-                names += [(e.name, e.stat().st_mtime_ns) for e in os.scandir(sub)
-                          if e.name.endswith(".parquet") and not e.name.startswith(".")]
-        return tuple(sorted(names))
+    def _parts(run_dir: Path) -> list[tuple[str, int]]:
+        """(name, mtime) of the run's visible part files."""
+        results = run_dir / "results"
+        if not results.is_dir():
+            return []
+        return sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(results)
+                      if e.name.endswith(".parquet") and not e.name.startswith("."))
 
     def _load(self, run_dir: Path) -> _Cached:
-        fp = self._fingerprint(run_dir)
+        imported = run_dir / AGGREGATES_FILE
+        parts = self._parts(run_dir)
+        fp = (tuple(parts), imported.stat().st_mtime_ns if imported.is_file() else None)
         hit = self._cache.get(run_dir.name)
         if hit is not None and hit.fingerprint == fp:
             return hit
-        if (run_dir / AGGREGATES_FILE).is_file():
-            hit = _Cached(fp, pd.read_parquet(run_dir / AGGREGATES_FILE), None)
+        if imported.is_file():
+            hit = _Cached(fp, pd.read_parquet(imported), None)
         else:
             # Part files are written once and never change: read only the new ones.
             old = hit.parts if hit is not None else {}
-            results = run_dir / "results"
-            names = sorted(e.name for e in os.scandir(results) if e.name.endswith(".parquet")
-                           and not e.name.startswith(".")) if results.is_dir() else []
-            parts = {n: old[n] if n in old else pq.read_table(results / n, schema=RESULT_SCHEMA).to_pandas()
-                     for n in names}
-            rows = pd.concat(parts.values(), ignore_index=True) if parts else RunStore(run_dir).read_results()
+            frames = {n: old[n] if n in old else pq.read_table(run_dir / "results" / n, schema=RESULT_SCHEMA).to_pandas()
+                      for n, _ in parts}
+            rows = pd.concat(frames.values(), ignore_index=True) if frames else RunStore(run_dir).read_results()
             agg = aggregate(rows)
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
-            hit = _Cached(fp, agg, rows, parts)
+            hit = _Cached(fp, agg, rows, frames)
         self._cache[run_dir.name] = hit
         return hit
 
