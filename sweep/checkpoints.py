@@ -49,6 +49,9 @@ PRESETS: dict[str, Preset] = {
     "llama-small": Preset(128, 352, 4, 4, 2),
     # TinyLlama-1.1B's shape (22 layers, 2048 hidden, 32 heads / 4 KV heads, 32000 vocab).
     "tinyllama-1.1b": Preset(2048, 5632, 22, 32, 4, vocab_size=32000),
+    # Llama-2-7B's shape (32 layers, 4096 hidden, 32 heads, 11008 MLP, 32000 vocab): 13.5 GB in
+    # float16, built on the GPU where there is one.
+    "llama2-7b": Preset(4096, 11008, 32, 32, 32, vocab_size=32000),
 }
 
 
@@ -138,7 +141,9 @@ def ensure_random_checkpoint(path: str, seed: int = 0) -> Path:
             tie_word_embeddings=False,
         )
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        # Initialised where it will run: a 7B model never has to fit in host memory twice.
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         try:

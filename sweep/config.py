@@ -34,6 +34,7 @@ class ModelSpec(_Strict):
     conv_template: str | None = None
     params_b: float | None = Field(default=None, gt=0, description="Parameters, billions")
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    backend: str = Field(default="transformers", description="Generation backend: transformers | compiled")
     gpus: int = Field(default=1, ge=1)
     revision: str | None = None
     trust_remote_code: bool = False
@@ -47,6 +48,21 @@ class ModelSpec(_Strict):
             if preset not in PRESETS:
                 raise ValueError(f"unknown random-weight preset {preset!r}; known: {', '.join(PRESETS)}")
         return path
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from sweep.backends import BACKENDS  # names only: no torch
+
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> "ModelSpec":
+        if self.backend == "compiled" and self.gpus > 1:
+            raise ValueError("backend compiled runs a model on one GPU (gpus: 1); use backend: transformers for gpus > 1")
+        return self
 
     @field_validator("conv_template")
     @classmethod

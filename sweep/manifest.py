@@ -66,7 +66,8 @@ def merge_for_resume(manifest: dict, models: ModelsFile, tasks: TasksFile, tasks
         if old is None:
             manifest["models"].append(spec.model_dump(mode="json"))
             continue
-        old.setdefault("tasks", None)  # runs stored before the field existed
+        old.setdefault("tasks", None)  # runs stored before these fields existed
+        old.setdefault("backend", "transformers")
         changed = _diff(old, spec.model_dump(mode="json"))
         if changed:
             raise ConfigError(f"{models_path}: models[{i}].{changed} in the stored run; use a new --run-id")

@@ -23,6 +23,8 @@ from sweep.store import RunStore
 _CSV = re.compile(r"^(?P<gpu>[^_]+)_(?P<task>.+)_benchmark\.csv$")
 _COLUMNS = ["model", "throughput", "response_length", "latency", "energy"]
 SCORES = ["arc", "hellaswag", "truthfulqa"]
+# The 2023 measurement decoded with FastChat's generate_stream over transformers models.
+IMPORTED_BACKEND = "fastchat"
 
 
 def import_mlenergy(source: str | Path, out: str | Path, run_id: str = "mlenergy-2023") -> tuple[Path, int]:
@@ -48,6 +50,7 @@ def import_mlenergy(source: str | Path, out: str | Path, run_id: str = "mlenergy
     agg = pd.concat(frames, ignore_index=True)
     agg["run_id"] = run_id
     agg["model_path"] = agg["model"]
+    agg["backend"] = IMPORTED_BACKEND
     agg["url"] = agg["model"].map(lambda name: models.get(name, {}).get("url"))
     agg["parameters"] = agg["model"].map(lambda name: models.get(name, {}).get("params", np.nan)).astype(float)
     agg["energy_per_token"] = agg["energy"] / agg["response_length"]  # ratio of means: no per-request data

@@ -1,5 +1,6 @@
 """From per-request rows to the leaderboard: per (run, gpu, model, task) aggregates.
 
+One model can run under several backends in one run: `backend` is part of the key.
 Metric names follow the 2023 ML.ENERGY leaderboard (means per response):
 `energy` (J), `throughput` (tokens/s), `response_length` (tokens), `latency` (s),
 `parameters` (billions). Beyond it: `energy_per_token` (J/token, total energy over total
@@ -18,7 +19,7 @@ from scipy import stats
 
 from sweep.store import RunStore
 
-KEYS = ["run_id", "gpu", "model", "task"]
+KEYS = ["run_id", "gpu", "model", "backend", "task"]
 CSV_COLUMNS = ["model", "throughput", "response_length", "latency", "energy"]
 AGGREGATES_FILE = "aggregates.parquet"  # aggregate-only runs (imported results) keep this instead of results/
 
@@ -39,7 +40,7 @@ def _ci95(values: pd.Series) -> tuple[float, float]:
 
 
 def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per-request rows (the results dataset) -> one row per (run_id, gpu, model, task)."""
+    """Per-request rows (the results dataset) -> one row per (run_id, gpu, model, backend, task)."""
     if rows.empty:
         return pd.DataFrame(columns=KEYS + ["parameters", "responses", "energy", "energy_per_token"])
     df = rows.copy()
@@ -71,11 +72,18 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def read_imported(path: Path) -> pd.DataFrame:
+    """The aggregates of an imported run (aggregates.parquet)."""
+    agg = pd.read_parquet(path)
+    # Imported before the column existed: only the 2023 import writes this file.
+    return agg if "backend" in agg else agg.assign(backend="fastchat")
+
+
 def run_aggregates(store: RunStore) -> pd.DataFrame:
     """Aggregates of one run, whether it holds per-request rows or only aggregates."""
     imported = store.run_dir / AGGREGATES_FILE
     if imported.is_file():
-        return pd.read_parquet(imported)
+        return read_imported(imported)
     return aggregate(store.read_results())
 
 
@@ -84,7 +92,7 @@ def print_leaderboard(store: RunStore) -> None:
     if agg.empty:
         print(f"{store.run_dir}: no results yet")
         return
-    cols = ["model", "parameters", "throughput", "response_length", "latency", "energy", "energy_per_token", "responses"]
+    cols = ["model", "backend", "parameters", "throughput", "response_length", "latency", "energy", "energy_per_token", "responses"]
     fmt = {"parameters": "{:.3g}".format, "throughput": "{:.1f}".format, "response_length": "{:.1f}".format,
            "latency": "{:.2f}".format, "energy": "{:.1f}".format, "energy_per_token": "{:.3f}".format}
     for (gpu, task), g in agg.groupby(["gpu", "task"], sort=True):

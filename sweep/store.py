@@ -32,42 +32,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-RESULT_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("model", pa.string()),
-        ("model_path", pa.string()),
-        ("task", pa.string()),
-        ("prompt_id", pa.string()),
-        ("host", pa.string()),
-        ("gpu_name", pa.string()),
-        ("gpu_index", pa.int32()),  # physical index of the worker's first GPU; null on CPU
-        ("num_gpus", pa.int32()),
-        ("params_b", pa.float64()),
-        ("prompt_tokens", pa.int32()),
-        ("prompt_truncated", pa.bool_()),
-        ("response_tokens", pa.int32()),
-        ("latency_s", pa.float64()),
-        ("ttft_s", pa.float64()),
-        ("throughput_tok_s", pa.float64()),
-        ("energy_j", pa.float64()),  # null when not measured, see energy_note
-        ("energy_per_token_j", pa.float64()),
-        ("idle_power_w", pa.float64()),  # the worker's GPUs at rest, measured before the job
-        ("energy_above_idle_j", pa.float64()),
-        ("energy_note", pa.string()),
-        ("stop_reason", pa.string()),
-        ("response", pa.string()),
-        ("started_at", pa.timestamp("us", tz="UTC")),
-        ("backend", pa.string()),
-        ("dtype", pa.string()),
-        ("template", pa.string()),
-        ("temperature", pa.float64()),
-        ("top_p", pa.float64()),
-        ("repetition_penalty", pa.float64()),
-        ("max_new_tokens", pa.int32()),
-        ("cache_implementation", pa.string()),
-    ]
-)
+from sweep.record import RESULT_SCHEMA  # noqa: F401  (readers import it from here too)
 
 # Rows reach Parquet when this many are waiting, or this long after the last part file.
 FLUSH_ROWS = 64

@@ -16,6 +16,7 @@ from typing import Any
 
 from sweep.config import ModelSpec, TasksFile
 from sweep.prompts import Prompt
+from sweep.record import ResultRow
 from sweep.store import RunStore, job_slug
 
 
@@ -61,13 +62,13 @@ class Worker:
     def _load(self, prompts: list[Prompt], system_prompt: str) -> None:
         import torch
 
-        from sweep.backend import TransformersBackend
+        from sweep.backends import load_backend
         from sweep.meter import EnergyMeter
 
         if not self.num_gpus:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
-        self.backend = TransformersBackend(self.spec, self.tasks.generation, device)
+        self.backend = load_backend(self.spec, self.tasks.generation, device)
         self.meter = EnergyMeter(self.num_gpus if device == "cuda" else 0)
         # Warm-up (not stored): first CUDA kernels, allocator growth, static-cache compile.
         for p in prompts[: self.tasks.generation.warmup_requests]:
@@ -93,8 +94,7 @@ class Worker:
                 writer = self.store.writer(slug)
                 try:
                     for prompt in todo:
-                        writer.append(self._measure(task_name, system_prompt, prompt))
-                        self.hub.advance.remote(model, task_name)
+                        self.serve(writer, task_name, system_prompt, prompt)
                 finally:
                     writer.close()
         except Exception as exc:
@@ -104,46 +104,53 @@ class Worker:
             self.hub.finish.remote(model, task_name)
         return {"ok": True, "device": self.device}
 
+    def serve(self, writer, task: str, system_prompt: str, prompt: Prompt) -> None:
+        """One request as a sweep serves it: measured, stored durably, counted."""
+        writer.append(self._measure(task, system_prompt, prompt))
+        self.hub.advance.remote(self.spec.name, task)
+
     def _measure(self, task: str, system_prompt: str, prompt: Prompt) -> dict[str, Any]:
-        g = self.tasks.generation
         started_at = datetime.now(timezone.utc)
         self.meter.begin(prompt.prompt_id)
         out = self.backend.generate(system_prompt, prompt.text, seed=request_seed(self.tasks.prompts.seed, task, prompt.prompt_id))
         reading = self.meter.end(prompt.prompt_id)
         energy = reading.energy_j
-        return {
-            "run_id": self.run_id,
-            "model": self.spec.name,
-            "model_path": self.spec.path,
-            "task": task,
-            "prompt_id": prompt.prompt_id,
-            "host": self.device["host"],
-            "gpu_name": self.device["gpu_name"],
-            "gpu_index": self.device["gpu_index"],
-            "num_gpus": self.num_gpus,
-            "params_b": self.backend.params_b,
-            "prompt_tokens": out.prompt_tokens,
-            "prompt_truncated": out.prompt_truncated,
-            "response_tokens": out.response_tokens,
-            "latency_s": out.latency_s,
-            "ttft_s": out.ttft_s,
-            "throughput_tok_s": out.response_tokens / out.latency_s if out.latency_s > 0 else None,
-            "energy_j": energy,
-            "energy_per_token_j": energy / out.response_tokens if energy is not None and out.response_tokens else None,
-            "idle_power_w": self.idle_power_w,
-            "energy_above_idle_j": (
+        g, b = self.tasks.generation, self.backend
+        return ResultRow(
+            run_id=self.run_id,
+            model=self.spec.name,
+            model_path=self.spec.path,
+            task=task,
+            prompt_id=prompt.prompt_id,
+            host=self.device["host"],
+            gpu_name=self.device["gpu_name"],
+            gpu_index=self.device["gpu_index"],
+            num_gpus=self.num_gpus,
+            params_b=b.params_b,
+            prompt_tokens=out.prompt_tokens,
+            prompt_truncated=out.prompt_truncated,
+            response_tokens=out.response_tokens,
+            latency_s=out.latency_s,
+            ttft_s=out.ttft_s,
+            throughput_tok_s=out.response_tokens / out.latency_s if out.latency_s > 0 else None,
+            energy_j=energy,
+            energy_per_token_j=energy / out.response_tokens if energy is not None and out.response_tokens else None,
+            idle_power_w=self.idle_power_w,
+            energy_above_idle_j=(
                 energy - self.idle_power_w * reading.time_s if energy is not None and self.idle_power_w is not None else None
             ),
-            "energy_note": reading.note,
-            "stop_reason": out.stop_reason,
-            "response": out.response,
-            "started_at": started_at,
-            "backend": self.backend.name,
-            "dtype": self.backend.dtype_name,
-            "template": self.backend.template.name,
-            "temperature": g.temperature,
-            "top_p": g.top_p,
-            "repetition_penalty": g.repetition_penalty,
-            "max_new_tokens": g.max_new_tokens,
-            "cache_implementation": g.cache_implementation,
-        }
+            energy_note=reading.note,
+            stop_reason=out.stop_reason,
+            response=out.response,
+            started_at=started_at,
+            backend=b.name,
+            dtype=b.dtype_name,
+            template=b.template.name,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            repetition_penalty=g.repetition_penalty,
+            max_new_tokens=g.max_new_tokens,
+            cache_implementation=b.effective.cache_implementation,
+            compiled=b.effective.compiled,
+            steps_past_stop=out.steps_past_stop,
+        ).to_dict()

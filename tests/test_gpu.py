@@ -1,57 +1,84 @@
-"""On NVIDIA GPUs (skipped on CPU): each row's energy comes from its own GPU.
+"""On NVIDIA GPUs (skipped on CPU): stored energy against an independent reading, and
+the compiled backend on a real GPU.
 
-Checked against an independent reading: this test polls every GPU's NVML energy counter
-itself while the sweep runs, then integrates each GPU's counter over the windows of the
-rows that GPU served. Needs 2 GPUs: a ~1B model on one and a tiny one on the other, so
-the two GPUs draw clearly different power at the same moments.
+The energy checks poll every GPU's NVML energy counter while the sweep runs, then
+integrate each GPU's counter over the windows of the rows that GPU served. The
+attribution test needs 2 GPUs: a ~1B model on one and a tiny one on the other, so the
+two GPUs draw clearly different power at the same moments.
 """
 
-import threading
-import time
+import dataclasses
 
-import numpy as np
 import pandas as pd
 import pytest
 
+from bench.nvml import NvmlEnergyLog
 from tests.helpers import run_sweep_cli, tasks_yaml, write_yaml
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs")]
+pytestmark = pytest.mark.gpu
+one_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 NVIDIA GPUs")
 
 
-class NvmlEnergyLog:
-    """(time, counter in J) of every GPU, polled every 10 ms in a thread."""
-
-    def __init__(self):
-        import pynvml
-
-        self.nvml = pynvml
-        pynvml.nvmlInit()
-        self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        self.samples = {i: [] for i in range(len(self.handles))}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self._stop.is_set():
-            now = time.time()
-            for i, h in enumerate(self.handles):
-                self.samples[i].append((now, self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) / 1e3))
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def energy_j(self, gpu, start, end):
-        t, e = np.array(self.samples[gpu]).T
-        return float(np.interp(end, t, e) - np.interp(start, t, e))
+def _windows(df):
+    df = df.copy()
+    df["start"] = df["started_at"].map(pd.Timestamp.timestamp)
+    df["end"] = df["start"] + df["latency_s"]
+    return df
 
 
+@one_gpu
+def test_both_backends_side_by_side_on_one_gpu_against_nvml(tmp_path):
+    models = write_yaml(tmp_path / "models.yaml", {"models": [
+        {"name": "hf", "path": "random:tinyllama-1.1b", "conv_template": "vicuna_v1.1"},
+        {"name": "compiled", "path": "random:tinyllama-1.1b", "conv_template": "vicuna_v1.1", "backend": "compiled"},
+    ]})
+    tasks = tasks_yaml(tmp_path, tasks=("chat",), max_new_tokens=256, warmup_requests=2)
+    with NvmlEnergyLog() as log:
+        proc = run_sweep_cli("--config", models, "--tasks", tasks, "--out", tmp_path / "runs", "--run-id", "g1",
+                             "--max-prompts", "16", "--no-dashboard", "--no-progress")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = _windows(pd.read_parquet(tmp_path / "runs" / "g1" / "results"))
+    assert df["energy_j"].notna().all() and len(df) == 32
+    fast = df[df["model"] == "compiled"]
+    assert (fast["cache_implementation"] == "static").all() and fast["compiled"].all()
+    assert (fast["steps_past_stop"] <= 1).all()
+    report = []
+    for model, rows in df.groupby("model"):
+        gpu = int(rows["gpu_index"].iloc[0])
+        nvml_j = sum(log.energy_j(gpu, s, e) for s, e in zip(rows["start"], rows["end"]))
+        report.append((model, rows["energy_j"].sum(), nvml_j, rows["throughput_tok_s"].mean(),
+                       rows["energy_j"].sum() / rows["response_tokens"].sum()))
+        assert rows["energy_j"].sum() == pytest.approx(nvml_j, rel=0.02), report
+    print("model, stored J, NVML J, tokens/s, J/token:", *report, sep="\n  ")
+    by = {r[0]: r for r in report}
+    assert by["compiled"][3] > 3 * by["hf"][3] and by["compiled"][4] < by["hf"][4]
+
+
+@one_gpu
+def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_one_step_late():
+    from sweep.backends import load_backend
+    from sweep.config import GenerationSettings, ModelSpec
+
+    settings = GenerationSettings(temperature=0.7, max_new_tokens=64)
+    spec = ModelSpec(name="m", path="random:tinyllama-1.1b", conv_template="vicuna_v1.1", backend="compiled")
+    be = load_backend(spec, settings, "cuda")
+    a, b = (be.generate("Be brief.", "Tell me about the sea.", seed=3) for _ in range(2))
+    assert (a.response, a.response_tokens) == (b.response, b.response_tokens)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        be.cache.reset()
+        ids, _ = be._decode_cuda(be.encode("Be brief.", "Tell me about the sea.")[0], 64)
+    stop = next(t for i, t in enumerate(ids) if i >= 5 and t not in ids[:i])
+    be._stop_ids = frozenset([stop])
+    be.template = dataclasses.replace(be.template, stop_token_ids=(stop,))
+    c = be.generate("Be brief.", "Tell me about the sea.", seed=3)
+    assert c.stop_reason == "stop_token" and c.response_tokens == ids.index(stop)
+    assert c.steps_past_stop <= 1
+
+
+@two_gpus
 def test_energy_is_attributed_to_the_workers_own_gpu(tmp_path):
     models = write_yaml(tmp_path / "models.yaml", {"models": [
         {"name": "big", "path": "random:tinyllama-1.1b", "conv_template": "vicuna_v1.1"},
@@ -66,8 +93,7 @@ def test_energy_is_attributed_to_the_workers_own_gpu(tmp_path):
     assert df["energy_j"].notna().all() and (df["energy_j"] > 0).all()
     gpu_of = df.groupby("model")["gpu_index"].unique()
     assert all(len(v) == 1 for v in gpu_of) and gpu_of["big"][0] != gpu_of["tiny"][0]
-    df["start"] = df["started_at"].map(pd.Timestamp.timestamp)
-    df["end"] = df["start"] + df["latency_s"]
+    df = _windows(df)
     report = []
     for model, rows in df.groupby("model"):
         own = int(gpu_of[model][0])

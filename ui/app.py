@@ -51,11 +51,12 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         runs = sorted(agg["run_id"].dropna().unique().tolist())
         gpus = sorted(agg["gpu"].dropna().unique().tolist())
         tasks = sorted(agg["task"].dropna().unique().tolist())
-        return agg, runs, gpus, tasks
+        backends = sorted(agg["backend"].dropna().unique().tolist()) if "backend" in agg else []
+        return agg, runs, gpus, tasks, backends
 
-    def table_outputs(runs, gpus, task, custom):
+    def table_outputs(runs, gpus, task, backends, custom):
         agg = folder.aggregates()
-        df = with_custom_columns(filter_aggregates(agg, runs or [], gpus or [], task), custom)
+        df = with_custom_columns(filter_aggregates(agg, runs or [], gpus or [], task, backends or []), custom)
         shown = display_table(df, custom)
         path = csv_dir / "leaderboard.csv"
         df.drop(columns=[c for c in ("url",) if c in df]).to_csv(path, index=False)
@@ -72,12 +73,13 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
     with gr.Blocks(title="sweep leaderboard") as demo:
         custom = gr.State([])  # [(name, formula)]
         filtered = gr.State(pd.DataFrame())
-        agg0, runs0, gpus0, tasks0 = current()
+        agg0, runs0, gpus0, tasks0, backends0 = current()
         gr.Markdown("# LLM energy leaderboard\n" + INTRO)
         live = gr.Markdown(elem_id="live-status")
         with gr.Row():
             runs_in = gr.CheckboxGroup(runs0, value=runs0, label="Runs", elem_id="runs-filter")
             gpus_in = gr.CheckboxGroup(gpus0, value=gpus0, label="GPUs", elem_id="gpus-filter")
+            backends_in = gr.CheckboxGroup(backends0, value=backends0, label="Backends", elem_id="backends-filter")
             task_in = gr.Radio(tasks0, value="chat" if "chat" in tasks0 else (tasks0[0] if tasks0 else None),
                                label="Task", elem_id="task-filter")
         with gr.Tab("Leaderboard"):
@@ -114,59 +116,65 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                 d_length = gr.BarPlot(x="bin", y="responses", label="Response length (tokens)")
             d_samples = gr.Dataframe(interactive=False, wrap=True, label="Sample prompts and responses")
 
-        def on_filter(runs, gpus, task, custom_cols, x, y, color):
-            tbl, dl, df = table_outputs(runs, gpus, task, custom_cols)
+        def on_filter(runs, gpus, task, backends, custom_cols, x, y, color):
+            tbl, dl, df = table_outputs(runs, gpus, task, backends, custom_cols)
             sc, fr = plot_outputs(df, x, y, color)
             agg = folder.aggregates()
-            verb = verbosity(filter_aggregates(agg, runs or [], gpus or [], None))
+            verb = verbosity(filter_aggregates(agg, runs or [], gpus or [], None, backends or []))
             return tbl, dl, df, sc, fr, verb, verb
 
-        def refresh(runs, gpus, task, custom_cols, x, y, color, old_runs, old_gpus, detail_run):
-            agg, all_runs, all_gpus, all_tasks = current()
+        def refresh(runs, gpus, task, backends, custom_cols, x, y, color, old_runs, old_gpus, old_backends, detail_run):
+            agg, all_runs, all_gpus, all_tasks, all_backends = current()
             # keep the user's choices; new runs/GPUs (a sweep just started writing) come in ticked
             runs = [r for r in all_runs if r in (runs or []) or r not in (old_runs or [])]
             gpus = [g for g in all_gpus if g in (gpus or []) or g not in (old_gpus or [])]
-            views = on_filter(runs, gpus, task, custom_cols, x, y, color)
+            backends = [b for b in all_backends if b in (backends or []) or b not in (old_backends or [])]
+            views = on_filter(runs, gpus, task, backends, custom_cols, x, y, color)
             manifests = {r: folder.manifest(r) for r in all_runs}
             status = f"{live_status(agg, manifests)}  \n_updated {time.strftime('%H:%M:%S')}_"
-            unchanged = all_runs == (old_runs or []) and all_gpus == (old_gpus or []) and detail_run is not None
+            unchanged = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
+                         and all_backends == (old_backends or []) and detail_run is not None)
             if unchanged:  # leave the filter widgets alone: a re-render would close an open menu
-                widgets = (gr.skip(), gr.skip(), gr.skip(), gr.skip())
+                widgets = (gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
             else:
                 per_request = [r for r in all_runs if manifests[r].get("kind") != "aggregate-only"]
                 widgets = (gr.CheckboxGroup(choices=all_runs, value=runs), gr.CheckboxGroup(choices=all_gpus, value=gpus),
                            gr.Radio(choices=all_tasks, value=task if task in all_tasks else None),
-                           gr.Dropdown(choices=per_request, value=detail_run or (per_request[0] if per_request else None)))
-            return (*widgets[:3], *views, status, widgets[3], all_runs, all_gpus)
+                           gr.Dropdown(choices=per_request, value=detail_run or (per_request[0] if per_request else None)),
+                           gr.CheckboxGroup(choices=all_backends, value=backends))
+            return (*widgets[:3], widgets[4], *views, status, widgets[3], all_runs, all_gpus, all_backends)
 
         known_runs = gr.State(runs0)
         known_gpus = gr.State(gpus0)
-        refresh_outputs = [runs_in, gpus_in, task_in, table, download, filtered, scatter, front,
-                           verb_table, verb_plot, live, d_run, known_runs, known_gpus]
-        refresh_inputs = [runs_in, gpus_in, task_in, custom, x_in, y_in, color_in, known_runs, known_gpus, d_run]
+        known_backends = gr.State(backends0)
+        refresh_outputs = [runs_in, gpus_in, task_in, backends_in, table, download, filtered, scatter, front,
+                           verb_table, verb_plot, live, d_run, known_runs, known_gpus, known_backends]
+        refresh_inputs = [runs_in, gpus_in, task_in, backends_in, custom, x_in, y_in, color_in, known_runs, known_gpus,
+                          known_backends, d_run]
 
-        filter_inputs = [runs_in, gpus_in, task_in, custom, x_in, y_in, color_in]
+        filter_inputs = [runs_in, gpus_in, task_in, backends_in, custom, x_in, y_in, color_in]
         filter_outputs = [table, download, filtered, scatter, front, verb_table, verb_plot]
-        for comp in (runs_in, gpus_in, task_in):
+        for comp in (runs_in, gpus_in, task_in, backends_in):
             comp.input(on_filter, filter_inputs, filter_outputs, api_name=False)
 
-        def add_column(name, formula, custom_cols, runs, gpus, task, x, y, color):
+        def add_column(name, formula, custom_cols, runs, gpus, task, backends, x, y, color):
             name = (name or "").strip()
             try:
                 if not name:
                     raise FormulaError("give the column a name")
-                df = filter_aggregates(folder.aggregates(), runs or [], gpus or [], task)
+                df = filter_aggregates(folder.aggregates(), runs or [], gpus or [], task, backends or [])
                 evaluate(formula, with_custom_columns(df, custom_cols))  # refuse before anything changes
             except FormulaError as exc:
                 return (custom_cols, f"⚠️ Formula refused: {exc}", gr.Dropdown(), gr.Dropdown(),
-                        *on_filter(runs, gpus, task, custom_cols, x, y, color))
+                        *on_filter(runs, gpus, task, backends, custom_cols, x, y, color))
             custom_cols = [c for c in custom_cols if c[0] != name] + [(name, formula)]
-            tbl, dl, df, sc, fr, verb, verb2 = on_filter(runs, gpus, task, custom_cols, x, y, color)
+            tbl, dl, df, sc, fr, verb, verb2 = on_filter(runs, gpus, task, backends, custom_cols, x, y, color)
             nums = numeric_columns(df)
             return (custom_cols, f"Added column **{name}** = `{formula}`", gr.Dropdown(choices=nums),
                     gr.Dropdown(choices=nums), tbl, dl, df, sc, fr, verb, verb2)
 
-        add_col.click(add_column, [col_name, col_formula, custom, runs_in, gpus_in, task_in, x_in, y_in, color_in],
+        add_col.click(add_column, [col_name, col_formula, custom, runs_in, gpus_in, task_in, backends_in, x_in, y_in,
+                                   color_in],
                       [custom, col_msg, x_in, y_in] + filter_outputs, api_name="add_column")
 
         def replot(df, x, y, color):

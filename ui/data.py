@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from sweep.report import AGGREGATES_FILE, aggregate
+from sweep.report import AGGREGATES_FILE, aggregate, read_imported
 from sweep.store import RESULT_SCHEMA, RunStore
 
 # Columns of the leaderboard, in order, with their units for the header.
@@ -24,6 +24,7 @@ DISPLAY = {
     "run_id": "run",
     "gpu": "gpu",
     "model": "model",
+    "backend": "backend",
     "task": "task",
     "parameters": "parameters (B)",
     "energy": "energy (J)",
@@ -84,7 +85,7 @@ class RunsFolder:
         if hit is not None and hit.fingerprint == fp:
             return hit
         if imported.is_file():
-            hit = _Cached(fp, pd.read_parquet(imported), None)
+            hit = _Cached(fp, read_imported(imported), None)
         else:
             # Part files are written once and never change: read only the new ones.
             old = hit.parts if hit is not None else {}

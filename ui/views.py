@@ -8,11 +8,14 @@ import pandas as pd
 from ui.data import DISPLAY, NUMERIC, pareto_front
 from ui.formula import evaluate
 
-CATEGORICAL = ["model", "task", "gpu", "run_id"]
+CATEGORICAL = ["model", "backend", "task", "gpu", "run_id"]
 
 
-def filter_aggregates(agg: pd.DataFrame, runs: list[str], gpus: list[str], task: str | None) -> pd.DataFrame:
+def filter_aggregates(agg: pd.DataFrame, runs: list[str], gpus: list[str], task: str | None,
+                      backends: list[str] | None = None) -> pd.DataFrame:
     df = agg[agg["run_id"].isin(runs) & agg["gpu"].isin(gpus)]
+    if backends is not None:
+        df = df[df["backend"].isin(backends)]
     if task:
         df = df[df["task"] == task]
     return df.sort_values("energy", na_position="last").reset_index(drop=True)

@@ -1,0 +1,62 @@
+"""The one definition of a result row: one request, what was asked and what was done.
+
+`ResultRow` is what a worker builds; `RESULT_SCHEMA` (the Parquet dataset's schema) is
+derived from it, so the row format is written down once. Columns added later are
+nullable: older runs read with this schema show them empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+
+def _col(arrow_type: pa.DataType, doc: str = ""):
+    return field(metadata={"arrow": arrow_type, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    run_id: str = _col(pa.string())
+    model: str = _col(pa.string())
+    model_path: str = _col(pa.string())
+    task: str = _col(pa.string())
+    prompt_id: str = _col(pa.string())
+    host: str = _col(pa.string())
+    gpu_name: str = _col(pa.string())
+    gpu_index: int | None = _col(pa.int32(), "physical index of the worker's first GPU; null on CPU")
+    num_gpus: int = _col(pa.int32())
+    params_b: float = _col(pa.float64(), "parameters, billions")
+    prompt_tokens: int = _col(pa.int32())
+    prompt_truncated: bool = _col(pa.bool_())
+    response_tokens: int = _col(pa.int32(), "generated tokens up to, not including, the stop token")
+    latency_s: float = _col(pa.float64())
+    ttft_s: float | None = _col(pa.float64())
+    throughput_tok_s: float | None = _col(pa.float64())
+    energy_j: float | None = _col(pa.float64(), "null when not measured, see energy_note")
+    energy_per_token_j: float | None = _col(pa.float64())
+    idle_power_w: float | None = _col(pa.float64(), "the worker's GPUs at rest, measured before the job")
+    energy_above_idle_j: float | None = _col(pa.float64())
+    energy_note: str | None = _col(pa.string())
+    stop_reason: str = _col(pa.string())
+    response: str = _col(pa.string())
+    started_at: datetime = _col(pa.timestamp("us", tz="UTC"))
+    backend: str = _col(pa.string())
+    dtype: str = _col(pa.string())
+    template: str = _col(pa.string())
+    temperature: float = _col(pa.float64())
+    top_p: float = _col(pa.float64())
+    repetition_penalty: float = _col(pa.float64())
+    max_new_tokens: int = _col(pa.int32())
+    cache_implementation: str = _col(pa.string(), "the cache the backend used, not the one asked for")
+    compiled: bool | None = _col(pa.bool_(), "decode step compiled / replayed as a CUDA graph")
+    steps_past_stop: int | None = _col(pa.int32(), "decode steps inside the window after the stop")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RESULT_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(ResultRow)])
