@@ -24,6 +24,7 @@ from ui.views import (
     live_status,
     numeric_columns,
     scatter_frame,
+    set_aside_note,
     time_energy_frame,
     with_custom_columns,
 )
@@ -128,7 +129,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             gpus = [g for g in all_gpus if g in (gpus or []) or g not in (old_gpus or [])]
             views = on_filter(runs, gpus, task, custom_cols, x, y, color)
             manifests = {r: folder.manifest(r) for r in all_runs}
-            status = f"{live_status(agg, manifests)}  \n_updated {time.strftime('%H:%M:%S')}_"
+            status = (f"{live_status(agg, manifests)}{set_aside_note(folder.set_aside())}"
+                      f"  \n_updated {time.strftime('%H:%M:%S')}_")
             unchanged = all_runs == (old_runs or []) and all_gpus == (old_gpus or []) and detail_run is not None
             if unchanged:  # leave the filter widgets alone: a re-render would close an open menu
                 widgets = (gr.skip(), gr.skip(), gr.skip(), gr.skip())

@@ -84,6 +84,12 @@ def histogram(values: pd.Series, bins: int = 20, unit: str = "") -> pd.DataFrame
     return pd.DataFrame({"bin": pd.Categorical(labels, categories=labels, ordered=True), "responses": counts})
 
 
+def set_aside_note(counts: dict[str, int]) -> str:
+    """Markdown: runs with damaged files set aside (their rows are not shown)."""
+    return "".join(f"\n\n⚠️ **{run}**: {n} damaged file(s) set aside in `{run}/.quarantine/`; their rows are "
+                   f"not shown (a resume of the run measures them again)" for run, n in sorted(counts.items()))
+
+
 def live_status(agg: pd.DataFrame, manifests: dict[str, dict]) -> str:
     """Markdown: per run still being written, responses so far per (model, task)."""
     lines = []
