@@ -6,6 +6,7 @@
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
     runs/<run_id>/locks/<job>.lock     held by the one process running a job
+    runs/<run_id>/locks/driver.lock    held by the one driver writing the run
     runs/<run_id>/.quarantine/         damaged files, set aside where no reader trips on them
 
 Crash safety: every finished request is appended to its job's write-ahead log and
@@ -26,11 +27,13 @@ rows are skipped and counted.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
 import sys
 import time
 import uuid
@@ -86,6 +89,7 @@ FLUSH_SECONDS = 30.0
 
 
 QUARANTINE = ".quarantine"
+DRIVER_LOCK = "driver.lock"  # job locks are <slug>.lock, and a slug always ends in -<hash>
 
 
 def job_slug(model: str, task: str) -> str:
@@ -95,6 +99,14 @@ def job_slug(model: str, task: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{task}").lstrip("._-")[:80] or "job"
     digest = hashlib.sha1(f"{model}\0{task}".encode()).hexdigest()[:8]
     return f"{readable}-{digest}"
+
+
+class RunBusy(Exception):
+    """Another driver holds the run; the message says which and what to do."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def warn(message: str) -> None:
@@ -302,6 +314,29 @@ class RunStore:
         return self.read_parts().to_pandas()
 
     # -- jobs -------------------------------------------------------------------------
+    @contextmanager
+    def driver_lock(self) -> Iterator[None]:
+        """Exclusive right to drive the run, for a whole session: a second driver on the
+        same run id is refused (RunBusy) rather than both running and both claiming the
+        rows. The kernel drops the lock when the holder dies, however it dies."""
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.locks_dir / DRIVER_LOCK, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise RunBusy(f"{self.run_dir}: run is being written by another sweep ({holder}); "
+                              f"wait for it to finish, or use another --run-id") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     @contextmanager
     def job_lock(self, slug: str, timeout_s: float = 300.0) -> Iterator[None]:
         """Exclusive right to run one job. A worker left over from a killed driver still
