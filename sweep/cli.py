@@ -1,15 +1,20 @@
 """Command line: `python -m sweep [run] ...`, `report`, `import-mlenergy`.
 
-Exit status: 0 all jobs done, 1 some job failed, 2 bad input (nothing loaded or
-written), 130 interrupted (rerun with the same --run-id to finish).
+Exit status: 0 all jobs done, 1 some job failed or the disk is full, 2 bad input
+(nothing loaded or written), 130 interrupted by Ctrl-C or SIGTERM (rerun with the same
+--run-id to finish).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from sweep.config import ConfigError
 
@@ -37,75 +42,144 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
-    from sweep.config import check_model_tasks, load_models, load_tasks, with_overrides
-    from sweep.manifest import merge_for_resume, new_manifest
-    from sweep.plan import make_plan
-    from sweep.prompts import DatasetError, load_prompt_set
-    from sweep.store import RunStore
+    from sweep.config import check_run_id
+    from sweep.preflight import check_address, check_output_folder
+    from sweep.prompts import DatasetError
+    from sweep.store import RunBusy, RunStore
 
     try:
-        if args.cpu_workers < 1:
-            raise ConfigError("command line: --cpu-workers: must be at least 1")
-        models = load_models(args.config)
-        tasks = with_overrides(load_tasks(args.tasks), args.max_prompts, args.max_new_tokens)
-        check_model_tasks(args.config, models, tasks)
-        known = {t.name for t in tasks.tasks}
-        for name in args.only_tasks or ():
-            if name not in known:
-                raise ConfigError(f"command line: --task: unknown task {name!r} (in {args.tasks}: {', '.join(sorted(known))})")
-        prompt_set = load_prompt_set(tasks.prompts)
-        run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
-        store = RunStore(Path(args.out) / run_id)
-        manifest = store.read_manifest()
-        if manifest is not None:
-            manifest = merge_for_resume(manifest, models, tasks, args.tasks, args.config)
-    except (ConfigError, DatasetError) as exc:
+        models, tasks, prompt_set = _inputs(args)
+        run_id = check_run_id(args.run_id) if args.run_id is not None else time.strftime("%Y%m%d-%H%M%S")
+        store = RunStore(Path(args.out) / run_id, read_only=args.dry_run)
+        check_output_folder(store.run_dir, "--out")
+        if args.address:
+            check_address(args.address)
+        if args.dry_run:
+            _, jobs, stored, _ = _plan(args, store, models, tasks, prompt_set)
+            for j in jobs:
+                print(f"  {j}: {stored[(j.model, j.task)]}/{len(prompt_set.prompts)} stored")
+            return 0
+        with store.driver_lock():  # one driver per run, held until it exits
+            plan = _plan(args, store, models, tasks, prompt_set)
+            return _session(args, store, models, tasks, prompt_set, *plan)
+    except (ConfigError, DatasetError, RunBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    jobs = [j for j in make_plan(models, tasks) if not args.only_tasks or j.task in args.only_tasks]
+
+def _inputs(args):
+    """The validated config files, task selection and prompts (ConfigError, DatasetError)."""
+    from sweep.config import check_model_tasks, load_models, load_tasks, with_overrides
+    from sweep.prompts import load_prompt_set
+
+    if args.cpu_workers < 1:
+        raise ConfigError("command line: --cpu-workers: must be at least 1")
+    models = load_models(args.config)
+    tasks = with_overrides(load_tasks(args.tasks), args.max_prompts, args.max_new_tokens)
+    check_model_tasks(args.config, models, tasks)
+    known = {t.name for t in tasks.tasks}
+    for name in args.only_tasks or ():
+        if name not in known:
+            raise ConfigError(f"command line: --task: unknown task {name!r} (in {args.tasks}: {', '.join(sorted(known))})")
+    return models, tasks, load_prompt_set(tasks.prompts)
+
+
+def _plan(args, store, models, tasks, prompt_set):
+    """(manifest or None, jobs, stored rows per job, jobs to run) of the run as it is on
+    disk; a resume must measure under the stored settings (ConfigError otherwise)."""
+    from sweep.manifest import merge_for_resume, stored_manifest
+    from sweep.plan import make_plan
+
+    manifest = stored_manifest(store)
     done = store.done_prompt_ids()
+    if manifest is None and any(done.values()):
+        rows = sum(len(ids) for ids in done.values())
+        raise ConfigError(f"{store.manifest_path}: missing, and the run holds {rows} stored row(s) whose settings "
+                          f"cannot be checked without it; put it back (a damaged one is kept in "
+                          f"{store.quarantine_dir}) or use a new --run-id")
+    if manifest is not None:
+        manifest = merge_for_resume(manifest, models, tasks, args.tasks, args.config)
+    jobs = [j for j in make_plan(models, tasks) if not args.only_tasks or j.task in args.only_tasks]
     wanted = {p.prompt_id for p in prompt_set.prompts}
     stored = {(j.model, j.task): len(done.get((j.model, j.task), set()) & wanted) for j in jobs}
     todo = [j for j in jobs if stored[(j.model, j.task)] < len(prompt_set.prompts)]
     print(
-        f"{'Resuming' if manifest else 'New'} run {run_id}: {len(models.models)} model(s) x {len(tasks.tasks)} task(s), "
-        f"{len(prompt_set.prompts)} prompts from {prompt_set.source} "
+        f"{'Resuming' if manifest else 'New'} run {store.run_dir.name}: {len(models.models)} model(s) x "
+        f"{len(tasks.tasks)} task(s), {len(prompt_set.prompts)} prompts from {prompt_set.source} "
         f"({prompt_set.available} usable, {prompt_set.skipped_empty} empty skipped); "
         f"{len(todo)} of {len(jobs)} job(s) to run"
     )
-    if args.dry_run:
-        for j in jobs:
-            print(f"  {j}: {stored[(j.model, j.task)]}/{len(prompt_set.prompts)} stored")
-        return 0
+    return manifest, jobs, stored, todo
 
-    store.create()
-    store.write_prompts(prompt_set.prompts)
-    if manifest is None:
-        prompt_info = {"source": prompt_set.source, "count": len(prompt_set.prompts),
-                       "available": prompt_set.available, "skipped_empty": prompt_set.skipped_empty}
-        manifest = new_manifest(run_id, models, tasks, prompt_info)
-    manifest["sessions"].append({"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:]})
-    store.write_manifest(manifest)
-    if not todo:
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, todo) -> int:
+    """One driver session on a validated plan: write the run, sweep, close the session."""
+    from sweep.driver import SweepOptions, SweepOutcome, run_sweep
+    from sweep.manifest import new_manifest
+    from sweep.store import is_disk_full
+
+    run_id = store.run_dir.name
+    session: dict | None = None
+
+    def close(outcome: SweepOutcome | None) -> None:
+        """Mark the session finished in the manifest (the UI shows a run without that as
+        running); None: stopped at once, counts unknown."""
+        if session is None:
+            return
+        if outcome is None:
+            session.update(finished_at=_now(), interrupted=True)
+        else:
+            for dev in outcome.devices:
+                if dev not in manifest["gpus"]:
+                    manifest["gpus"].append(dev)
+            session.update(finished_at=_now(), written=outcome.written, failed=len(outcome.failed),
+                           interrupted=outcome.interrupted)
+            if outcome.disk_full:
+                session["disk_full"] = outcome.disk_full
+        store.write_manifest(manifest)
+
+    outcome = SweepOutcome()
+    with _interrupts(lambda: close(None)):
+        try:
+            store.create()
+            store.write_prompts(prompt_set.prompts)
+            if manifest is None:
+                prompt_info = {"source": prompt_set.source, "count": len(prompt_set.prompts),
+                               "available": prompt_set.available, "skipped_empty": prompt_set.skipped_empty}
+                manifest = new_manifest(run_id, models, tasks, prompt_info)
+            session = {"started_at": _now(), "argv": sys.argv[1:]}
+            manifest["sessions"].append(session)
+            store.write_manifest(manifest)
+            if todo:
+                opts = SweepOptions(run_id=run_id, run_dir=str(store.run_dir), address=args.address,
+                                    cpu_workers=args.cpu_workers, dashboard=not args.no_dashboard,
+                                    progress=not args.no_progress)
+                outcome = run_sweep(opts, models, tasks, prompt_set, todo, stored)
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            outcome.disk_full = str(exc)
+        try:
+            close(outcome)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            outcome.disk_full = outcome.disk_full or str(exc)
+
+    if not todo and not (outcome.interrupted or outcome.disk_full):
         print(f"Nothing to do: every job of run {run_id} is stored.")
         return 0
-
-    from sweep.driver import SweepOptions, run_sweep
-
-    opts = SweepOptions(run_id=run_id, run_dir=str(store.run_dir), address=args.address, cpu_workers=args.cpu_workers,
-                        dashboard=not args.no_dashboard, progress=not args.no_progress)
-    outcome = run_sweep(opts, models, tasks, prompt_set, todo, stored)
-
-    manifest = store.read_manifest()
-    for dev in outcome.devices:
-        if dev not in manifest["gpus"]:
-            manifest["gpus"].append(dev)
-    manifest["sessions"][-1].update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), written=outcome.written,
-                                    failed=len(outcome.failed), interrupted=outcome.interrupted)
-    store.write_manifest(manifest)
-
     print(f"\nStored {outcome.written} new row(s) in {store.results_dir}")
+    if outcome.disk_full:
+        print(f"disk full: {outcome.disk_full}. Free some space, then rerun with --run-id {run_id} to finish; "
+              f"nothing stored is lost.", file=sys.stderr)
+        return EXIT_FAILED_JOBS
     if outcome.interrupted:
         print(f"Interrupted. Rerun with --run-id {run_id} to finish; nothing stored is lost.")
         return EXIT_INTERRUPTED
@@ -118,6 +192,47 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+@contextmanager
+def _interrupts(on_quit: Callable[[], None]) -> Iterator[None]:
+    """Ctrl-C and SIGTERM (what a batch scheduler sends) stop a sweep alike: the first
+    raises KeyboardInterrupt and the driver stops cleanly, stored rows kept. A second
+    one while that is under way ends the process at once, quietly: `on_quit` (close
+    the session), then this process and the Ray processes it started."""
+
+    def first(signum, frame):
+        for sig in saved:
+            signal.signal(sig, again)
+        raise KeyboardInterrupt
+
+    def again(signum, frame):
+        os.write(2, b"\nInterrupted again: stopping now. Rerun with the same --run-id to finish.\n")
+        try:
+            on_quit()
+        except Exception:
+            pass
+        _end_children()
+        os._exit(EXIT_INTERRUPTED)
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, first)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def _end_children() -> None:
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+
+
 def cmd_report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m sweep report", description="Leaderboard of a run.")
     p.add_argument("run_dir")
@@ -126,10 +241,18 @@ def cmd_report(argv: list[str]) -> int:
     from sweep.report import print_leaderboard, write_csvs
     from sweep.store import RunStore
 
+    from sweep.preflight import check_output_folder
+
     store = RunStore(args.run_dir)
     if not store.results_dir.is_dir() and not (store.run_dir / "aggregates.parquet").is_file():
         print(f"error: {args.run_dir}: no results/ folder: not a run directory", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.csv:
+        try:
+            check_output_folder(Path(args.csv), "--csv")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     print_leaderboard(store)
     if args.csv:
         for path in write_csvs(store, args.csv):
@@ -144,10 +267,11 @@ def cmd_import_mlenergy(argv: list[str]) -> int:
     p.add_argument("--out", default="runs")
     p.add_argument("--run-id", default="mlenergy-2023")
     args = p.parse_args(argv)
+    from sweep.config import check_run_id
     from sweep.mlenergy_import import import_mlenergy
 
     try:
-        path, rows = import_mlenergy(args.source, args.out, args.run_id)
+        path, rows = import_mlenergy(args.source, args.out, check_run_id(args.run_id))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -160,6 +284,9 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "import-mlenergy": cmd_import_
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
-    return cmd_run(argv)
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        return command(argv[1:]) if command else cmd_run(argv)
+    except KeyboardInterrupt:  # before a sweep started, or in a report: nothing to finish
+        print("Interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED

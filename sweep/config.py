@@ -7,6 +7,8 @@ and the field (`ConfigError`), and the CLI turns them into exit status 2.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,14 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf or .nan anywhere: they are no setting, and JSON (the manifest) cannot hold them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty or only whitespace")
+    return text
 
 
 class ModelSpec(_Strict):
@@ -39,6 +48,15 @@ class ModelSpec(_Strict):
     revision: str | None = None
     trust_remote_code: bool = False
     tasks: tuple[str, ...] | None = Field(default=None, description="Subset of tasks.yaml; default all")
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, name: str) -> str:
+        # Any other text works (files are named from a hash-suffixed slug of it); a
+        # control character (a newline) would break every one-line message naming it.
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise ValueError("must not contain control characters (newline, tab, ...)")
+        return _not_blank(name)
 
     @field_validator("path")
     @classmethod
@@ -92,6 +110,11 @@ class TaskSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     system_prompt: str = Field(min_length=1)
 
+    @field_validator("system_prompt")
+    @classmethod
+    def _some_prompt(cls, text: str) -> str:
+        return _not_blank(text)
+
 
 class GenerationSettings(_Strict):
     """Shared by every model, as in the 2023 leaderboard."""
@@ -137,11 +160,28 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise ConfigError(f"{path}: {where}not valid YAML") from None
+
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names a folder under --out: a safe, single path component."""
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"command line: --run-id: {run_id[:120]!r} is not a run id: use 1-100 letters, digits, "
+                          f"'.', '_' or '-', starting with a letter or digit")
+    return run_id
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

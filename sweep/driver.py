@@ -8,7 +8,8 @@ others go on.
 from __future__ import annotations
 
 import os
-import time
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from sweep.config import ModelsFile, TasksFile
 from sweep.plan import Job, Scheduler
 from sweep.prompts import PromptSet
-from sweep.store import RunStore
+from sweep.store import RunStore, is_disk_full
 
 # A worker that dies (SIGKILL, segfault, node loss) is replaced and its job resumed this
 # many times before the job counts as failed; its stored rows are kept either way.
@@ -40,14 +41,19 @@ class SweepOutcome:
     failed: list[dict] = field(default_factory=list)
     devices: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    disk_full: str | None = None  # what could not be written; the sweep stopped there
 
 
-def _auth_for_joining(opts: SweepOptions) -> None:
+class _DiskFull(Exception):
+    """The run's disk is full: no job can store anything, so the sweep stops."""
+
+
+def auth_for_joining(address: str | None) -> None:
     """A cluster from `ray start` uses token auth; a driver given an explicit address only
     sends the token in token mode, which Ray reads when first imported: turn it on, before
     that import, when a token is at hand."""
     token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if opts.address and "RAY_AUTH_MODE" not in os.environ and ("RAY_AUTH_TOKEN" in os.environ or token_file.is_file()):
+    if address and "RAY_AUTH_MODE" not in os.environ and ("RAY_AUTH_TOKEN" in os.environ or token_file.is_file()):
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
@@ -55,14 +61,24 @@ def _start_ray(opts: SweepOptions):
     import ray
 
     env = {"env_vars": {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "TOKENIZERS_PARALLELISM": "false"}}
-    if opts.address:
-        return ray.init(address=opts.address, runtime_env=env, log_to_driver=True)
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     kwargs: dict[str, Any] = {}
-    if _local_gpu_count() == 0:
-        # Enough CPU slots for the requested workers (+ the progress hub, which takes none).
-        kwargs["num_cpus"] = max(os.cpu_count() or 1, opts.cpu_workers)
-    return ray.init(runtime_env=env, include_dashboard=opts.dashboard, **kwargs)
+    if opts.address:
+        kwargs.update(address=opts.address, log_to_driver=True)
+    else:
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        kwargs["include_dashboard"] = opts.dashboard
+        if _local_gpu_count() == 0:
+            # Enough CPU slots for the requested workers (+ the progress hub, which takes none).
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, opts.cpu_workers)
+    # ray.init replaces the SIGTERM handler with one that exits at once: keep the
+    # caller's, which stops the sweep like Ctrl-C.
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    try:
+        return ray.init(runtime_env=env, **kwargs)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def _local_gpu_count() -> int:
@@ -88,7 +104,7 @@ def run_sweep(
     jobs: list[Job],
     stored: dict[tuple[str, str], int],
 ) -> SweepOutcome:
-    _auth_for_joining(opts)
+    auth_for_joining(opts.address)
     import ray
 
     from sweep.progress import ProgressBars, ProgressHub
@@ -96,10 +112,19 @@ def run_sweep(
 
     store = RunStore(opts.run_dir)
     outcome = SweepOutcome()
-    bars = None
-    ctx = _start_ray(opts)
-    _print_dashboard(ctx)
+    bars = hub = None
+
+    def fail(job: Job, error: str) -> None:
+        try:
+            store.record_failure(job.model, job.task, error)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise _DiskFull(str(exc)) from None
+            raise
+        outcome.failed.append({"model": job.model, "task": job.task, "error": error})
+
     try:
+        _print_dashboard(_start_ray(opts))
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
         gpu_mode = cluster_gpus > 0
         per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
@@ -112,9 +137,7 @@ def run_sweep(
         runnable = []
         for job in jobs:
             if gpu_mode and width[job.model] > per_node:
-                err = f"needs {width[job.model]} GPUs on one node; the largest node has {per_node}"
-                store.record_failure(job.model, job.task, err)
-                outcome.failed.append({"model": job.model, "task": job.task, "error": err})
+                fail(job, f"needs {width[job.model]} GPUs on one node; the largest node has {per_node}")
             else:
                 runnable.append(job)
 
@@ -140,10 +163,6 @@ def run_sweep(
         def retire(actor, model: str) -> None:
             ray.kill(actor)
             sched.worker_stopped(model)
-
-        def fail(job: Job, error: str) -> None:
-            store.record_failure(job.model, job.task, error)
-            outcome.failed.append({"model": job.model, "task": job.task, "error": error})
 
         while sched.has_waiting() or inflight:
             while (model := sched.model_for_new_worker()) is not None:
@@ -176,6 +195,8 @@ def run_sweep(
                     continue
                 if result["device"] not in outcome.devices:
                     outcome.devices.append(result["device"])
+                if result.get("disk_full"):
+                    raise _DiskFull(f"writing {store.run_dir} ({job}): {result['error']}")
                 if result["ok"]:
                     store.clear_failure(job.model, job.task)
                     if not assign(actor, model):
@@ -188,9 +209,12 @@ def run_sweep(
                         fail(dropped, f"model did not load: {result['error']}")
         bars.update(ray.get(hub.snapshot.remote()))
         bars.close()
-    except KeyboardInterrupt:
-        outcome.interrupted = True
-        try:  # count what the interrupted jobs stored (their rows are safe in the log)
+    except (KeyboardInterrupt, _DiskFull) as exc:
+        if isinstance(exc, _DiskFull):
+            outcome.disk_full = str(exc)
+        else:
+            outcome.interrupted = True
+        try:  # count what the stopped jobs stored (their rows are safe in the log)
             bars.update(ray.get(hub.snapshot.remote(), timeout=5))
         except Exception:
             pass

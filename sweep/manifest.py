@@ -7,7 +7,10 @@ import socket
 import time
 from importlib import metadata
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from sweep.config import ConfigError, ModelsFile, TasksFile
+from sweep.store import RunStore
 
 _PACKAGES = ("torch", "transformers", "zeus", "ray", "fschat", "pyarrow", "sweep")
 
@@ -51,6 +54,40 @@ def _diff(old, new, path: str = "") -> str | None:
                 return found
         return None
     return None if old == new else f"{path} was {old!r}, now {new!r}"
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class _Resumable(BaseModel):
+    """What a resume reads from a stored manifest (other keys may be there too)."""
+
+    model_config = ConfigDict(extra="allow")
+    run_id: str
+    tasks: dict
+    models: list[_Entry]
+    sessions: list[dict]
+    gpus: list[dict]
+
+
+def stored_manifest(store: RunStore) -> dict | None:
+    """The manifest of a run to resume; None for a new run, or when the file is damaged
+    (then it is set aside, and the run counts as one without a manifest)."""
+    manifest = store.read_manifest()
+    if manifest is None:
+        return None
+    if manifest.get("kind") == "aggregate-only":
+        raise ConfigError(f"{store.manifest_path}: this run holds imported results, not a sweep; use another --run-id")
+    try:
+        _Resumable.model_validate(manifest)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(map(str, err["loc"]))
+        store.set_aside(store.manifest_path, f"damaged manifest ({where}: {err['msg']})")
+        return None
+    return manifest
 
 
 def merge_for_resume(manifest: dict, models: ModelsFile, tasks: TasksFile, tasks_path: str, models_path: str) -> dict:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from sweep.config import ConfigError
 from sweep.report import AGGREGATES_FILE
-from sweep.store import RunStore
+from sweep.store import RunStore, atomic_write
 
 _CSV = re.compile(r"^(?P<gpu>[^_]+)_(?P<task>.+)_benchmark\.csv$")
 _COLUMNS = ["model", "throughput", "response_length", "latency", "energy"]
@@ -61,9 +61,7 @@ def import_mlenergy(source: str | Path, out: str | Path, run_id: str = "mlenergy
 
     store = RunStore(Path(out) / run_id)
     store.run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = store.run_dir / f".{AGGREGATES_FILE}.tmp"
-    agg.to_parquet(tmp, index=False)
-    tmp.replace(store.run_dir / AGGREGATES_FILE)
+    atomic_write(store.run_dir / AGGREGATES_FILE, lambda tmp: agg.to_parquet(tmp, index=False))
     store.write_manifest({
         "run_id": run_id,
         "kind": "aggregate-only",

@@ -54,6 +54,10 @@ def parse_sharegpt(entries: object, source: str) -> tuple[list[Prompt], int]:
             skipped += 1
             continue
         pid = str(entry.get("id", i))
+        try:  # JSON escapes can spell lone surrogates, which no file or tokenizer takes
+            (text + pid).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DatasetError(f"{source}: [{i}]: not valid Unicode (a lone surrogate escape)") from None
         if pid in seen:  # keep ids unique, they key the results
             seen[pid] += 1
             pid = f"{pid}#{seen[pid]}"
@@ -74,11 +78,19 @@ def load_prompt_set(settings: PromptSettings) -> PromptSet:
     else:
         path = Path(settings.dataset)
         try:
-            entries = json.loads(path.read_text())
+            entries = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{path}: not valid JSON (line {exc.lineno})") from None
+        except RecursionError:
+            raise DatasetError(f"{path}: nested too deeply") from None
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
         prompts, skipped = parse_sharegpt(entries, str(path))
         source = str(path)
+        if not prompts:
+            raise DatasetError(f"{path}: no usable prompts ({len(entries)} entries, {skipped} with an empty prompt)")
     return PromptSet(
         prompts=tuple(sample(prompts, settings.num_prompts, settings.seed)),
         source=source,

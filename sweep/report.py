@@ -89,6 +89,10 @@ def run_aggregates(store: RunStore) -> pd.DataFrame:
 
 def print_leaderboard(store: RunStore) -> None:
     agg = run_aggregates(store)
+    set_aside = store.set_aside_files()
+    if set_aside:
+        print(f"{len(set_aside)} damaged file(s) set aside in {store.quarantine_dir}: their rows are not "
+              f"counted here (a resume of the run measures them again)")
     if agg.empty:
         print(f"{store.run_dir}: no results yet")
         return

@@ -6,27 +6,41 @@
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
     runs/<run_id>/locks/<job>.lock     held by the one process running a job
+    runs/<run_id>/locks/driver.lock    held by the one driver writing the run
+    runs/<run_id>/.quarantine/         damaged files, set aside where no reader trips on them
 
 Crash safety: every finished request is appended to its job's write-ahead log and
-fsync'ed before the next request starts; rows reach Parquet in batches, each part file
-written under a dot-name and renamed into place (readers never see half a file). When a
-job starts again, rows left in its log that are not yet in the dataset are written first.
-So a crash loses at most the request in flight, and no (model, task, prompt_id) is
-ever stored twice.
+fsync'ed before the next request starts; rows reach Parquet in batches. Part files,
+the manifest and the other whole files are written under a dot-name, fsync'ed, renamed
+into place and the folder fsync'ed (`atomic_write`): readers never see half a file, and
+a power loss leaves the old file or the new one, never an empty one. When a job starts
+again, rows left in its log that are not yet in the dataset are written first. So a
+crash loses at most the request in flight, and no (model, task, prompt_id) is ever
+stored twice.
+
+Damage (a disk error, a file cut short by hand): every read of the dataset goes through
+`RunStore.read_parts`, which moves a part file it cannot read into `.quarantine/` with
+one warning line; its rows then count as not stored, so a resume measures them again.
+A manifest that is not a JSON object is set aside the same way. Log lines that are not
+rows are skipped and counted.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
+import sys
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -39,17 +53,62 @@ FLUSH_ROWS = 64
 FLUSH_SECONDS = 30.0
 
 
+QUARANTINE = ".quarantine"
+DRIVER_LOCK = "driver.lock"  # job locks are <slug>.lock, and a slug always ends in -<hash>
+
+
 def job_slug(model: str, task: str) -> str:
-    """A file-name-safe, collision-free name for a (model, task) job."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{task}")[:80]
+    """A file-name-safe, collision-free name for a (model, task) job. It starts with a
+    letter or digit whatever the model is called: dataset readers skip files whose
+    names start with "_" or "."."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{task}").lstrip("._-")[:80] or "job"
     digest = hashlib.sha1(f"{model}\0{task}".encode()).hexdigest()[:8]
     return f"{readable}-{digest}"
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
+class RunBusy(Exception):
+    """Another driver holds the run; the message says which and what to do."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Create or replace `path` whole: `write(tmp)` fills a dot-named file beside it (one
+    no reader lists), which is fsync'ed, renamed over `path`, and the folder fsync'ed so
+    the rename itself survives a power loss. On any error the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        _fsync(path.parent)
+    except OSError as exc:  # some filesystems (FUSE, SMB) cannot fsync a folder: the file itself is safe
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    return path
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, default=str, allow_nan=False)  # strict JSON: no NaN or Infinity
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
@@ -57,23 +116,61 @@ def _rows_to_table(rows: list[dict]) -> pa.Table:
 
 
 class RunStore:
-    def __init__(self, run_dir: str | Path) -> None:
+    """One run directory. `read_only` (a dry run) reads without changing anything: a
+    damaged file is skipped with a warning instead of being set aside."""
+
+    def __init__(self, run_dir: str | Path, read_only: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        self.read_only = read_only
         self.results_dir = self.run_dir / "results"
         self.wal_dir = self.run_dir / "wal"
         self.failures_dir = self.run_dir / "failures"
         self.locks_dir = self.run_dir / "locks"
+        self.quarantine_dir = self.run_dir / QUARANTINE
         self.manifest_path = self.run_dir / "manifest.json"
+        self._damaged: set[Path] = set()  # found damaged but left in place (read_only)
 
     def create(self) -> None:
         for d in (self.results_dir, self.wal_dir, self.failures_dir, self.locks_dir):
             d.mkdir(parents=True, exist_ok=True)
 
+    # -- damaged files --------------------------------------------------------------
+    def set_aside(self, path: Path, what: str) -> None:
+        """Move a damaged file into .quarantine/ (kept for inspection, out of every
+        reader's way), with one warning line naming it."""
+        if self.read_only:
+            self._damaged.add(path)
+            warn(f"{path}: {what}; left out (a run without --dry-run moves it to {self.quarantine_dir})")
+            return
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}-{path.name}"
+        try:
+            os.replace(path, dest)
+        except FileNotFoundError:  # another reader set it aside first
+            return
+        warn(f"{path}: {what}; moved to {dest}")
+
+    def set_aside_files(self) -> list[Path]:
+        """Files set aside in .quarantine/, oldest first."""
+        if not self.quarantine_dir.is_dir():
+            return []
+        return sorted(p for p in self.quarantine_dir.iterdir() if p.is_file())
+
     # -- manifest ---------------------------------------------------------------------
     def read_manifest(self) -> dict | None:
-        if not self.manifest_path.is_file():
+        """The manifest, or None when there is none or it is damaged (then set aside)."""
+        try:
+            data = self.manifest_path.read_bytes()
+        except FileNotFoundError:
             return None
-        return json.loads(self.manifest_path.read_text())
+        try:
+            manifest = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deeply
+            manifest = None
+        if not isinstance(manifest, dict):
+            self.set_aside(self.manifest_path, "damaged manifest (not a JSON object)")
+            return None
+        return manifest
 
     def write_manifest(self, manifest: dict) -> None:
         _write_json_atomic(self.manifest_path, manifest)
@@ -87,29 +184,71 @@ class RunStore:
         if self.prompts_path.is_file():
             return
         table = pa.table({"prompt_id": [p.prompt_id for p in prompts], "prompt": [p.text for p in prompts]})
-        tmp = self.run_dir / f".prompts.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.prompts_path)
+        atomic_write(self.prompts_path, lambda tmp: pq.write_table(table, tmp))
 
     def read_prompts(self):
         import pandas as pd
 
+        empty = pd.DataFrame({"prompt_id": pd.Series(dtype=str), "prompt": pd.Series(dtype=str)})
         if not self.prompts_path.is_file():
-            return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "prompt": pd.Series(dtype=str)})
-        return pd.read_parquet(self.prompts_path)
+            return empty
+        try:
+            return pd.read_parquet(self.prompts_path)
+        except (pa.ArrowException, ValueError):
+            self.set_aside(self.prompts_path, "damaged prompts file (not readable Parquet)")
+            return empty
 
     # -- the dataset ------------------------------------------------------------------
+    def part_files(self) -> list[Path]:
+        """The files a dataset reader (pandas, pyarrow) would read from results/."""
+        if not self.results_dir.is_dir():
+            return []
+        return sorted(p for p in self.results_dir.iterdir()
+                      if not p.name.startswith((".", "_")) and p.is_file() and p not in self._damaged)
+
+    def read_parts(self, columns: list[str] | None = None, filter=None, files: list[Path] | None = None) -> pa.Table:
+        """Rows of the dataset (or of `files`) in RESULT_SCHEMA: the one way it is read.
+        A part file that cannot be read is set aside, and the rest read again."""
+        try:
+            return self._scan(columns, filter, files)
+        except (pa.ArrowException, OSError):
+            self._check_parts(self._candidates(files))
+        return self._scan(columns, filter, files)
+
+    def _candidates(self, files: list[Path] | None) -> list[Path]:
+        paths = self.part_files() if files is None else files
+        return [p for p in paths if p not in self._damaged and (files is None or p.exists())]
+
+    def _scan(self, columns, filter, files) -> pa.Table:
+        # A fresh dataset object each call: one does not see files added later.
+        dataset = ds.dataset([str(p) for p in self._candidates(files)], format="parquet", schema=RESULT_SCHEMA)
+        return dataset.to_table(columns=columns, filter=filter)
+
+    def _check_parts(self, paths: list[Path]) -> None:
+        """Read each file on its own and set aside those whose content is damaged. A file
+        that cannot be read from disk at all (EIO, permissions) stays: that is not the
+        file's content, and the error is the caller's to see."""
+        for path in paths:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:  # set aside meanwhile by another reader
+                continue
+            try:
+                pq.read_table(pa.BufferReader(data), schema=RESULT_SCHEMA)
+            except Exception as exc:  # any parse failure: the bytes are not a part file
+                # pyarrow: "Could not open Parquet input source '<Buffer>': Parquet magic bytes not found..."
+                what = str(exc).split(": ", 1)[-1].split(". ")[0][:120] if data else "0 bytes"
+                self.set_aside(path, f"damaged part file ({what}), its rows count as not stored")
+
     def dataset(self) -> ds.Dataset:
-        # A fresh object each call: a dataset object does not see files added later.
-        return ds.dataset(self.results_dir, format="parquet", schema=RESULT_SCHEMA)
+        """The part files as a pyarrow dataset (for ad-hoc reads; damage is not handled here)."""
+        return ds.dataset([str(p) for p in self.part_files()], format="parquet", schema=RESULT_SCHEMA)
 
     def _dataset_ids(self, model: str | None, task: str | None) -> dict[tuple[str, str], set[str]]:
         """{(model, task): prompt ids in the Parquet dataset}, optionally for one job."""
         done: dict[tuple[str, str], set[str]] = {}
-        if not self.results_dir.is_dir():
-            return done
         flt = None if model is None else (ds.field("model") == model) & (ds.field("task") == task)
-        table = self.dataset().to_table(columns=["model", "task", "prompt_id"], filter=flt)
+        table = self.read_parts(columns=["model", "task", "prompt_id"], filter=flt)
         for m, t, p in zip(*(table.column(c).to_pylist() for c in ("model", "task", "prompt_id"))):
             done.setdefault((m, t), set()).add(p)
         return done
@@ -122,25 +261,47 @@ class RunStore:
         for wal in wals:
             if not wal.is_file():
                 continue
-            for row in _read_wal(wal):
+            rows, skipped = read_wal(wal)
+            if skipped:
+                warn(f"{wal}: {skipped} line(s) that are not rows skipped (damaged); the rest is kept")
+            for row in rows:
                 done.setdefault((row["model"], row["task"]), set()).add(row["prompt_id"])
         return done
 
     def write_part(self, rows: list[dict], slug: str) -> Path:
         self.results_dir.mkdir(parents=True, exist_ok=True)
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.results_dir / f".{name}.tmp"  # dot-names are invisible to dataset readers
-        pq.write_table(_rows_to_table(rows), tmp)
-        os.replace(tmp, self.results_dir / name)
-        return self.results_dir / name
+        table = _rows_to_table(rows)
+        return atomic_write(self.results_dir / name, lambda tmp: pq.write_table(table, tmp))
 
     def read_results(self):
         """All stored rows as a pandas DataFrame (empty, with the schema, if none)."""
-        if not self.results_dir.is_dir():
-            return RESULT_SCHEMA.empty_table().to_pandas()
-        return self.dataset().to_table().to_pandas()
+        return self.read_parts().to_pandas()
 
     # -- jobs -------------------------------------------------------------------------
+    @contextmanager
+    def driver_lock(self) -> Iterator[None]:
+        """Exclusive right to drive the run, for a whole session: a second driver on the
+        same run id is refused (RunBusy) rather than both running and both claiming the
+        rows. The kernel drops the lock when the holder dies, however it dies."""
+        self.locks_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.locks_dir / DRIVER_LOCK, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                raise RunBusy(f"{self.run_dir}: run is being written by another sweep ({holder}); "
+                              f"wait for it to finish, or use another --run-id") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     @contextmanager
     def job_lock(self, slug: str, timeout_s: float = 300.0) -> Iterator[None]:
         """Exclusive right to run one job. A worker left over from a killed driver still
@@ -166,14 +327,14 @@ class RunStore:
         wal = self.wal_dir / f"{slug}.jsonl"
         if not wal.is_file():
             return 0
-        rows = _read_wal(wal)
+        rows, _ = read_wal(wal)  # damaged lines were reported when the run was planned
         done = self._dataset_ids(model, task).get((model, task), set())
         fresh: dict[str, dict] = {}
         for row in rows:
             if row["prompt_id"] not in done:
                 fresh.setdefault(row["prompt_id"], row)
         if fresh:
-            self.write_part([_revive(r) for r in fresh.values()], slug)
+            self.write_part(list(fresh.values()), slug)
         wal.unlink()
         return len(fresh)
 
@@ -193,27 +354,54 @@ class RunStore:
     def failures(self) -> list[dict]:
         if not self.failures_dir.is_dir():
             return []
-        return [json.loads(p.read_text()) for p in sorted(self.failures_dir.glob("*.json"))]
+        out = []
+        for path in sorted(self.failures_dir.glob("*.json")):
+            try:
+                record = json.loads(path.read_bytes().decode("utf-8"))
+            except (ValueError, RecursionError):
+                record = None
+            if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("model", "task", "error")):
+                out.append(record)
+            else:
+                self.set_aside(path, "damaged failure record (not a JSON object with model, task, error)")
+        return out
 
 
-def _read_wal(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
+def read_wal(path: Path) -> tuple[list[dict], int]:
+    """(rows, damaged lines) of a write-ahead log. A last line without its newline was
+    cut short by a crash and is dropped quietly; any other line that is not a row (not
+    UTF-8, not JSON, not an object with model, task and prompt_id, values that do not
+    fit the schema) is dropped and counted."""
+    lines = path.read_bytes().split(b"\n")
+    lines.pop()  # b"" after the last newline, or a line cut short
+    rows: list[dict] = []
+    damaged = 0
+    for line in lines:
+        row = _wal_row(line)
+        if row is None:
+            damaged += 1
+        else:
+            rows.append(row)
+    return rows, damaged
+
+
+def _wal_row(line: bytes) -> dict | None:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("model", "task", "prompt_id")):
+        return None
+    if isinstance(row.get("started_at"), str):  # undo the JSON encoding of the timestamp
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    return rows
-
-
-def _revive(row: dict) -> dict:
-    """Undo the JSON encoding of a log row (timestamps)."""
-    from datetime import datetime
-
-    out = dict(row)
-    if isinstance(out.get("started_at"), str):
-        out["started_at"] = datetime.fromisoformat(out["started_at"])
-    return out
+            row["started_at"] = datetime.fromisoformat(row["started_at"])
+        except ValueError:
+            return None
+    try:
+        _rows_to_table([row])
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        return None
+    return row
 
 
 class JobWriter:
@@ -225,6 +413,7 @@ class JobWriter:
         store.wal_dir.mkdir(parents=True, exist_ok=True)
         self._wal_path = store.wal_dir / f"{slug}.jsonl"
         self._wal = open(self._wal_path, "a")
+        _fsync(store.wal_dir)  # the log's own name must survive a power loss too
         self._pending: list[dict] = []
         self._last_flush = time.monotonic()
 

@@ -17,7 +17,7 @@ from typing import Any
 from sweep.config import ModelSpec, TasksFile
 from sweep.prompts import Prompt
 from sweep.record import ResultRow
-from sweep.store import RunStore, job_slug
+from sweep.store import RunStore, is_disk_full, job_slug
 
 
 def request_seed(seed: int, task: str, prompt_id: str) -> int:
@@ -98,7 +98,7 @@ class Worker:
                 finally:
                     writer.close()
         except Exception as exc:
-            return {"ok": False, "phase": phase, "device": self.device,
+            return {"ok": False, "phase": phase, "device": self.device, "disk_full": is_disk_full(exc),
                     "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         finally:
             self.hub.finish.remote(model, task_name)

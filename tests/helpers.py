@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +74,15 @@ def make_run(root, run_id, jobs):
     for rows in jobs:
         store.write_part(rows, job_slug(rows[0]["model"], rows[0]["task"]))
     return store
+
+
+@contextmanager
+def tmpfs(mnt: Path, options: str):
+    """A tmpfs mounted at `mnt` (a new folder) while in use; skips the test where mounting is not allowed."""
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

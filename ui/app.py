@@ -17,6 +17,7 @@ from ui.data import RunsFolder, verbosity
 from ui.formula import FormulaError, evaluate
 from ui.views import (
     CATEGORICAL,
+    check_column_name,
     datatypes,
     display_table,
     filter_aggregates,
@@ -24,6 +25,7 @@ from ui.views import (
     live_status,
     numeric_columns,
     scatter_frame,
+    set_aside_note,
     time_energy_frame,
     with_custom_columns,
 )
@@ -86,7 +88,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             table = gr.Dataframe(interactive=False, show_search="filter", elem_id="leaderboard", max_height=600,
                                  label="Sorted by energy (click a header to sort by another column)")
             with gr.Row():
-                col_name = gr.Textbox(label="Custom column name", placeholder="J per 100 tokens", elem_id="col-name")
+                col_name = gr.Textbox(label="Custom column name", placeholder="J_per_100_tok", elem_id="col-name")
                 col_formula = gr.Textbox(label="Formula over numeric columns",
                                          placeholder="energy / response_length * 100", elem_id="col-formula")
                 add_col = gr.Button("Add column", elem_id="add-col")
@@ -131,7 +133,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             backends = [b for b in all_backends if b in (backends or []) or b not in (old_backends or [])]
             views = on_filter(runs, gpus, task, backends, custom_cols, x, y, color)
             manifests = {r: folder.manifest(r) for r in all_runs}
-            status = f"{live_status(agg, manifests)}  \n_updated {time.strftime('%H:%M:%S')}_"
+            status = (f"{live_status(agg, manifests)}{set_aside_note(folder.set_aside())}"
+                      f"  \n_updated {time.strftime('%H:%M:%S')}_")
             unchanged = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
                          and all_backends == (old_backends or []) and detail_run is not None)
             if unchanged:  # leave the filter widgets alone: a re-render would close an open menu
@@ -159,15 +162,19 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
 
         def add_column(name, formula, custom_cols, runs, gpus, task, backends, x, y, color):
             name = (name or "").strip()
-            try:
+            df = with_custom_columns(filter_aggregates(folder.aggregates(), runs or [], gpus or [], task, backends or []),
+                                     custom_cols)
+            try:  # refuse before anything changes
+                refused = "Column refused"
                 if not name:
                     raise FormulaError("give the column a name")
-                df = filter_aggregates(folder.aggregates(), runs or [], gpus or [], task, backends or [])
-                evaluate(formula, with_custom_columns(df, custom_cols))  # refuse before anything changes
+                check_column_name(name, df)
+                refused = "Formula refused"
+                evaluate(formula, df)
             except FormulaError as exc:
-                return (custom_cols, f"⚠️ Formula refused: {exc}", gr.Dropdown(), gr.Dropdown(),
+                return (custom_cols, f"⚠️ {refused}: {exc}", gr.Dropdown(), gr.Dropdown(),
                         *on_filter(runs, gpus, task, backends, custom_cols, x, y, color))
-            custom_cols = [c for c in custom_cols if c[0] != name] + [(name, formula)]
+            custom_cols = custom_cols + [(name, formula)]
             tbl, dl, df, sc, fr, verb, verb2 = on_filter(runs, gpus, task, backends, custom_cols, x, y, color)
             nums = numeric_columns(df)
             return (custom_cols, f"Added column **{name}** = `{formula}`", gr.Dropdown(choices=nums),

@@ -6,7 +6,6 @@ the page can poll every few seconds while a sweep writes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from sweep.report import AGGREGATES_FILE, aggregate, read_imported
-from sweep.store import RESULT_SCHEMA, RunStore
+from sweep.store import RunStore
 
 # Columns of the leaderboard, in order, with their units for the header.
 DISPLAY = {
@@ -64,22 +62,27 @@ class RunsFolder:
     _cache: dict[str, _Cached] = field(default_factory=dict)
 
     def run_dirs(self) -> list[Path]:
+        """Folders that hold a run (a damaged manifest, set aside, does not hide its rows)."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if (p / "manifest.json").is_file())
+        return sorted(p for p in self.root.iterdir()
+                      if any((p / name).exists() for name in ("manifest.json", "results", AGGREGATES_FILE)))
 
     @staticmethod
-    def _parts(run_dir: Path) -> list[tuple[str, int]]:
-        """(name, mtime) of the run's visible part files."""
-        results = run_dir / "results"
-        if not results.is_dir():
-            return []
-        return sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(results)
-                      if e.name.endswith(".parquet") and not e.name.startswith("."))
+    def _parts(store: RunStore) -> list[tuple[str, int]]:
+        """(name, mtime) of the run's part files, as dataset readers list them."""
+        parts = []
+        for path in store.part_files():
+            try:
+                parts.append((path.name, path.stat().st_mtime_ns))
+            except FileNotFoundError:  # set aside meanwhile
+                continue
+        return parts
 
     def _load(self, run_dir: Path) -> _Cached:
         imported = run_dir / AGGREGATES_FILE
-        parts = self._parts(run_dir)
+        store = RunStore(run_dir)
+        parts = self._parts(store)
         fp = (tuple(parts), imported.stat().st_mtime_ns if imported.is_file() else None)
         hit = self._cache.get(run_dir.name)
         if hit is not None and hit.fingerprint == fp:
@@ -87,11 +90,12 @@ class RunsFolder:
         if imported.is_file():
             hit = _Cached(fp, read_imported(imported), None)
         else:
-            # Part files are written once and never change: read only the new ones.
+            # Part files are written once and never change: read only the new ones (through
+            # the store, which sets a damaged one aside).
             old = hit.parts if hit is not None else {}
-            frames = {n: old[n] if n in old else pq.read_table(run_dir / "results" / n, schema=RESULT_SCHEMA).to_pandas()
+            frames = {n: old[n] if n in old else store.read_parts(files=[store.results_dir / n]).to_pandas()
                       for n, _ in parts}
-            rows = pd.concat(frames.values(), ignore_index=True) if frames else RunStore(run_dir).read_results()
+            rows = pd.concat(frames.values(), ignore_index=True) if frames else store.read_results()
             agg = aggregate(rows)
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
@@ -113,13 +117,19 @@ class RunsFolder:
     def rows(self, run_id: str) -> pd.DataFrame | None:
         """Per-request rows of a run (None for aggregate-only runs)."""
         run_dir = self.root / run_id
-        return self._load(run_dir).rows if (run_dir / "manifest.json").is_file() else None
+        return self._load(run_dir).rows if run_dir in self.run_dirs() else None
 
     def prompts(self, run_id: str) -> pd.DataFrame:
         return RunStore(self.root / run_id).read_prompts()
 
     def manifest(self, run_id: str) -> dict:
-        return json.loads((self.root / run_id / "manifest.json").read_text())
+        """The run's manifest; {} when it has none (or it was damaged and set aside)."""
+        return RunStore(self.root / run_id).read_manifest() or {}
+
+    def set_aside(self) -> dict[str, int]:
+        """{run id: damaged files set aside in its .quarantine/} for the runs that have any."""
+        counts = {d.name: len(RunStore(d).set_aside_files()) for d in self.run_dirs()}
+        return {run: n for run, n in counts.items() if n}
 
 
 def pareto_front(x: pd.Series, y: pd.Series) -> pd.Series:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keyword
+
 import numpy as np
 import pandas as pd
 
 from ui.data import DISPLAY, NUMERIC, pareto_front
-from ui.formula import evaluate
+from ui.formula import FormulaError, evaluate
 
 CATEGORICAL = ["model", "backend", "task", "gpu", "run_id"]
 
@@ -27,6 +29,18 @@ def with_custom_columns(df: pd.DataFrame, custom: list[tuple[str, str]]) -> pd.D
     for name, formula in custom:
         out[name] = evaluate(formula, out) if not out.empty else pd.Series(dtype=float)
     return out
+
+
+def check_column_name(name: str, df: pd.DataFrame) -> None:
+    """A new custom column's name must be a plain identifier (so a later formula can use
+    it) and no column the table already has, under its name or its shown header: a
+    custom `energy` would replace the measured one in the table, the CSV and the plots."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise FormulaError(f"{name[:60]!r} is not a plain name: use letters, digits and _, not starting with a "
+                           f"digit (e.g. J_per_100_tok)")
+    taken = set(df.columns) | set(DISPLAY) | set(DISPLAY.values()) | set(NUMERIC) | set(CATEGORICAL)
+    if name in taken:
+        raise FormulaError(f"{name!r} is already a column: pick another name")
 
 
 def numeric_columns(df: pd.DataFrame) -> list[str]:
@@ -85,6 +99,12 @@ def histogram(values: pd.Series, bins: int = 20, unit: str = "") -> pd.DataFrame
     counts, edges = np.histogram(v, bins=min(bins, max(1, len(np.unique(v)))))
     labels = [f"{lo:.4g}–{hi:.4g}{unit}" for lo, hi in zip(edges[:-1], edges[1:])]
     return pd.DataFrame({"bin": pd.Categorical(labels, categories=labels, ordered=True), "responses": counts})
+
+
+def set_aside_note(counts: dict[str, int]) -> str:
+    """Markdown: runs with damaged files set aside (their rows are not shown)."""
+    return "".join(f"\n\n⚠️ **{run}**: {n} damaged file(s) set aside in `{run}/.quarantine/`; their rows are "
+                   f"not shown (a resume of the run measures them again)" for run, n in sorted(counts.items()))
 
 
 def live_status(agg: pd.DataFrame, manifests: dict[str, dict]) -> str:
