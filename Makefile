@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The offline lineup's quick settings: about a minute on a 2-core machine. Real sweeps run
+# `python -m sweep --config ...` with tasks.yaml as it is.
+RUN_FLAGS ?= --max-prompts 16 --max-new-tokens 128 --cpu-workers 2
+
 run: install
-	$(PY) -m sweep --config models.yaml
+	$(PY) -m sweep --config models.yaml $(RUN_FLAGS)
 
 # Debian's Chromium for the UI's browser test (skipped when it cannot be installed).
 browser:

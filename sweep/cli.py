@@ -188,7 +188,11 @@ def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, tod
         for f in outcome.failed:
             print(f"  {f['model']} / {f['task']}: {f['error'].splitlines()[0][:300]}")
         return EXIT_FAILED_JOBS
-    print(f"All jobs done. Leaderboard: python -m sweep report {store.run_dir}")
+    from sweep.report import print_leaderboard
+
+    print_leaderboard(store)
+    print(f"\nAll jobs done. Dataset: {store.results_dir} (pandas.read_parquet)\n"
+          f"Again: python -m sweep report {store.run_dir}    Browse: python -m ui --runs {store.run_dir.parent}")
     return 0
 
 

@@ -133,6 +133,9 @@ def run_sweep(
         capacity = cluster_gpus if gpu_mode else opts.cpu_workers
         where = f"{cluster_gpus} GPU(s)" if gpu_mode else f"{opts.cpu_workers} CPU worker(s), no GPU"
         print(f"Run {opts.run_id}: {len(jobs)} job(s) on {where}; results in {store.results_dir}", flush=True)
+        if not gpu_mode:
+            print("No NVIDIA GPU in the cluster: energy_j will be empty (each row's energy_note says why). "
+                  "Energy needs a GPU node, e.g. python -m sweep --config models-gpu.yaml", flush=True)
 
         runnable = []
         for job in jobs:

@@ -1,9 +1,14 @@
-"""Progress of a sweep: workers report to a small hub actor, the driver draws tqdm bars.
+"""Progress of a sweep: workers report to a small hub actor, the driver shows it.
 
-Bars: one for the whole sweep (requests done / planned) and one per running job.
+On a terminal: tqdm bars, one for the whole sweep (requests done / planned) and one per
+running job. Otherwise (a log file, a batch job, `--no-progress`): one line per finished
+job with the sweep's count, elapsed time and ETA, so a log still says how far it got.
 """
 
 from __future__ import annotations
+
+import sys
+import time
 
 from tqdm import tqdm
 
@@ -32,10 +37,14 @@ class ProgressBars:
     """Terminal view of a hub snapshot."""
 
     def __init__(self, planned_total: int, stored: dict[tuple[str, str], int], enabled: bool = True) -> None:
-        self.enabled = enabled
+        # Bars redraw in place, which only a terminal shows well.
+        self.enabled = enabled and sys.stderr.isatty()
         self.stored = dict(stored)  # requests already stored per job when the run started
-        self.overall = tqdm(total=planned_total, initial=sum(self.stored.values()), desc="sweep", unit="req",
-                            position=0, disable=not enabled, dynamic_ncols=True)
+        self.planned_total = planned_total
+        self._t0, self._done0 = time.monotonic(), sum(self.stored.values())
+        self._reported: set[tuple[str, str]] = set()
+        self.overall = tqdm(total=planned_total, initial=self._done0, desc="sweep", unit="req",
+                            position=0, disable=not self.enabled, dynamic_ncols=True)
         self.bars: dict[tuple[str, str], tqdm] = {}
 
     def update(self, snapshot: dict[tuple[str, str], list]) -> None:
@@ -52,8 +61,19 @@ class ProgressBars:
                 if not running:
                     bar.close()
                     del self.bars[key]
+            if not self.enabled and not running and key not in self._reported:
+                self._reported.add(key)
+                self._line(key, done, total)
         self.overall.n = sum(self.stored.values())
         self.overall.refresh()
+
+    def _line(self, key: tuple[str, str], done: int, total: int) -> None:
+        now = sum(self.stored.values())
+        elapsed = time.monotonic() - self._t0
+        rate = (now - self._done0) / elapsed if elapsed > 0 else 0.0
+        eta = tqdm.format_interval((self.planned_total - now) / rate) if rate > 0 else "?"
+        print(f"{key[0]} / {key[1]}: {done}/{total} stored. Sweep: {now}/{self.planned_total} requests, "
+              f"{tqdm.format_interval(elapsed)} elapsed, ETA {eta}", flush=True)
 
     def close(self) -> None:
         for bar in self.bars.values():

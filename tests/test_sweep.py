@@ -43,6 +43,12 @@ def test_default_lineup_two_workers(default_run):
     proc, run_dir, _ = default_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     df = pd.read_parquet(run_dir / "results")
+    # not a terminal: one progress line per job with an ETA; the run says at once why energy
+    # is empty, and ends with the leaderboard it made and where the dataset is
+    assert proc.stdout.count("ETA") == 4 and "small-llama2 / instruct: 6/6 stored." in proc.stdout
+    assert "No NVIDIA GPU in the cluster: energy_j will be empty" in proc.stdout
+    tail = proc.stdout.split("Stored 24 new row(s)")[1]
+    assert "== CPU / chat" in tail and "tiny-vicuna" in tail and f"Dataset: {run_dir / 'results'}" in tail
     assert set(REQUIRED) <= set(df.columns)
     assert len(df) == 2 * 2 * 6
     assert not df.duplicated(["model", "task", "prompt_id"]).any()
