@@ -202,7 +202,8 @@ def _first_error(path: Path, exc: ValidationError) -> ConfigError:
     got = ""
     if err["type"] not in ("missing", "extra_forbidden") and not isinstance(err.get("input"), (dict, list)):
         got = f" (got {err.get('input')!r})"
-    more = len(exc.errors()) - 1
+    # An error inside a list also empties the list ("at least 1 item"): not a second problem.
+    more = sum(1 for e in exc.errors()[1:] if tuple(e["loc"]) != tuple(err["loc"])[: len(e["loc"])])
     tail = f" [+{more} more]" if more else ""
     return ConfigError(f"{path}: {_field_path(err['loc'])}: {msg}{got}{tail}")
 
