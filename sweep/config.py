@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sweep.backends import DEFAULT_BACKEND
 from sweep.checkpoints import RANDOM_PREFIX, PRESETS
 
 BUILTIN_DATASET = "builtin"
@@ -43,7 +44,7 @@ class ModelSpec(_Strict):
     conv_template: str | None = None
     params_b: float | None = Field(default=None, gt=0, description="Parameters, billions")
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    backend: str = Field(default="transformers", description="Generation backend: transformers | compiled")
+    backend: str = Field(default=DEFAULT_BACKEND, description="Generation backend: transformers | compiled")
     gpus: int = Field(default=1, ge=1)
     revision: str | None = None
     trust_remote_code: bool = False
@@ -70,7 +71,7 @@ class ModelSpec(_Strict):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, name: str) -> str:
-        from sweep.backends import BACKENDS  # names only: no torch
+        from sweep.backends import BACKENDS
 
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

@@ -204,3 +204,28 @@ def test_one_run_holds_a_model_under_both_backends_and_a_refused_model_is_a_fail
     report = run_sweep_cli("report", out / "b")
     assert report.returncode == 0
     assert "tiny-compiled" in report.stdout and "compiled" in report.stdout.split("tiny-compiled")[1].splitlines()[0]
+
+
+def test_a_stop_seen_late_is_counted_and_cut_from_the_response():
+    be = _load("compiled")
+    eos = be.tokenizer.eos_token_id
+    _force_stop(be, tokens=[eos])
+    ids = torch.zeros((1, 7), dtype=torch.long)
+    out = be.result(ids, False, [5, 6, eos, 9], latency_s=1.0, ttft_s=0.1)
+    assert (out.response_tokens, out.stop_reason, out.steps_past_stop, out.prompt_tokens) == (2, "stop_token", 1, 7)
+    assert out.response == be.decode([5, 6])
+    assert be.result(ids, False, [5, 6, 9], 1.0, 0.1).steps_past_stop == 0  # ran to max_new_tokens
+
+
+def test_the_decode_step_traces_as_one_graph():
+    # What the GPU path compiles, traced by Dynamo with fullgraph=True (a graph break raises);
+    # aot_eager skips code generation, so this runs on CPU in seconds.
+    be = _load("compiled", temperature=0.7, repetition_penalty=1.1, top_p=0.9)
+    step = torch.compile(be._step, fullgraph=True, backend="aot_eager", dynamic=False)
+    with torch.no_grad():
+        be.cache.reset()
+        torch.manual_seed(0)
+        be._prefill(be.encode(SYSTEM, PROMPTS[0])[0])
+        for _ in range(3):
+            step()
+    assert int(be._pos) == be.encode(SYSTEM, PROMPTS[0])[0].shape[1] + 3

@@ -2,7 +2,8 @@
 
 Each backend is one module with one class implementing `HFModel.generate`; adding one
 (vLLM, say) is a new module and a line in `BACKENDS`. Backends import torch and model
-code, so they are imported only inside a worker, when a model is loaded.
+code, so they are imported only inside a worker, when a model is loaded: this module
+itself imports nothing heavy (the config validates names against it).
 """
 
 from __future__ import annotations

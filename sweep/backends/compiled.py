@@ -101,8 +101,9 @@ class CompiledBackend(HFModel):
         self._seen = torch.zeros((vocab,), dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
         self._stop_ids = frozenset(self.template.stop_token_ids)
         self._stop_strings = tuple(self.template.stop_strings)
-        # A stop string of n bytes is completed within its last n tokens (each token is >= 1 byte).
-        self._stop_window = max((len(x.encode()) for x in self._stop_strings), default=0) + 1
+        # A stop string of n bytes is completed within the last n text-bearing tokens; special
+        # tokens decode to nothing, so look further back than that.
+        self._stop_window = 2 * max((len(x.encode()) for x in self._stop_strings), default=0) + 8
         params = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in params
         # The cache keeps its own fill level on the device; its keyword was renamed in transformers 5.2x.
@@ -176,10 +177,10 @@ class CompiledBackend(HFModel):
         self._sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            self.cache.reset()
             if self.on_cuda:
                 tokens, ttft_s = self._decode_cuda(ids, s.max_new_tokens)
             else:
+                self.cache.reset()
                 tokens, ttft_s = self._decode_eager(ids, s.max_new_tokens, t0)
         self._sync()
         latency_s = time.perf_counter() - t0
@@ -195,12 +196,16 @@ class CompiledBackend(HFModel):
         return tokens, ttft_s
 
     def _decode_cuda(self, ids: torch.Tensor, max_new: int) -> tuple[list[int], float]:
-        host = self._host_tokens
+        host = self._host_tokens[:max_new]  # sized for the run's max_new_tokens
         start, first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         done = []  # one event per launched token: its value is in host[i] once the event has passed
-        start.record()
+        start.record()  # the GPU is idle here (synchronised): this is the request's start, as t0 is
+        self.cache.reset()
         self._prefill(ids)
         first.record()
+
+        if len(host) < max_new:
+            raise ValueError(f"max_new {max_new} exceeds the {len(host)} tokens this backend was loaded for")
 
         def publish(i: int) -> None:
             host[i : i + 1].copy_(self._tok.view(1), non_blocking=True)

@@ -62,7 +62,9 @@ class TransformersBackend(HFModel):
         if self.template.stop_strings:
             kwargs.update(stop_strings=list(self.template.stop_strings), tokenizer=self.tokenizer)
         if self.effective.cache_implementation == "static":
-            kwargs["cache_implementation"] = "static"
+            # Sized for the longest request of the run: otherwise a longer prompt than any
+            # before grows the cache and recompiles inside that request's energy window.
+            kwargs.update(cache_implementation="static", max_cache_len=s.context_length)
         self._sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
