@@ -1,75 +1,27 @@
-"""From per-request rows to the leaderboard: per (run, gpu, model, task) aggregates.
+"""From per-request rows to the leaderboard: terminal tables and the 2023 CSV layout.
 
-One model can run under several backends in one run: `backend` is part of the key.
-Metric names follow the 2023 ML.ENERGY leaderboard (means per response):
-`energy` (J), `throughput` (tokens/s), `response_length` (tokens), `latency` (s),
-`parameters` (billions). Beyond it: `energy_per_token` (J/token, total energy over total
-tokens), a 95% confidence interval of the mean energy (Student t), `ttft` (s) and the
-number of responses behind each figure.
+The figures (per run, gpu, model, backend, task) are defined in `sweep.aggregate`, which
+reads only the columns they need.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-from scipy import stats
+import pyarrow as pa
 
+from sweep.aggregate import KEYS, aggregate_files, finish, gpu_short_name, partials_of_table  # noqa: F401
 from sweep.store import RunStore
 
-KEYS = ["run_id", "gpu", "model", "backend", "task"]
 CSV_COLUMNS = ["model", "throughput", "response_length", "latency", "energy"]
 AGGREGATES_FILE = "aggregates.parquet"  # aggregate-only runs (imported results) keep this instead of results/
 
 
-def gpu_short_name(gpu_name: str) -> str:
-    """'NVIDIA H200' -> 'H200', 'NVIDIA A100-SXM4-80GB' -> 'A100-SXM4-80GB'."""
-    name = re.sub(r"^NVIDIA\s+", "", str(gpu_name)).split(" ")[0]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "GPU"
-
-
-def _ci95(values: pd.Series) -> tuple[float, float]:
-    v = values.dropna().to_numpy(dtype=float)
-    n = len(v)
-    if n < 2:
-        return (np.nan, np.nan)
-    half = stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / np.sqrt(n)
-    return (v.mean() - half, v.mean() + half)
-
-
 def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per-request rows (the results dataset) -> one row per (run_id, gpu, model, backend, task)."""
-    if rows.empty:
-        return pd.DataFrame(columns=KEYS + ["parameters", "responses", "energy", "energy_per_token"])
-    df = rows.copy()
-    df["gpu"] = df["gpu_name"].map(gpu_short_name)
-    out = []
-    for key, g in df.groupby(KEYS, sort=True, observed=True):
-        measured = g[g["energy_j"].notna()]
-        lo, hi = _ci95(measured["energy_j"])
-        tokens = measured["response_tokens"].sum()
-        out.append(
-            dict(
-                zip(KEYS, key),
-                model_path=g["model_path"].iloc[0],
-                parameters=g["params_b"].iloc[0],
-                responses=len(g),
-                measured=len(measured),
-                energy=measured["energy_j"].mean() if len(measured) else np.nan,
-                energy_ci_low=lo,
-                energy_ci_high=hi,
-                energy_per_token=measured["energy_j"].sum() / tokens if tokens else np.nan,
-                energy_above_idle=measured["energy_above_idle_j"].mean() if len(measured) else np.nan,
-                throughput=g["throughput_tok_s"].mean(),
-                response_length=g["response_tokens"].mean(),
-                latency=g["latency_s"].mean(),
-                ttft=g["ttft_s"].mean(),
-                energy_note=None if len(measured) else next(iter(g["energy_note"].dropna()), None),
-            )
-        )
-    return pd.DataFrame(out)
+    """Per-request rows (a frame of the results dataset) -> one row per (run_id, gpu, model, backend, task)."""
+    return finish(partials_of_table(pa.Table.from_pandas(rows, preserve_index=False)))
 
 
 def read_imported(path: Path) -> pd.DataFrame:
@@ -84,7 +36,14 @@ def run_aggregates(store: RunStore) -> pd.DataFrame:
     imported = store.run_dir / AGGREGATES_FILE
     if imported.is_file():
         return read_imported(imported)
-    return aggregate(store.read_results())
+    return store.scan_parts(lambda paths: _aggregate_files(tuple(paths))).copy()
+
+
+@functools.lru_cache(maxsize=1)
+def _aggregate_files(paths: tuple[Path, ...]) -> pd.DataFrame:
+    # A report prints the leaderboard, then writes CSVs: one read of the run serves both
+    # (part files never change once written; a new or removed one is a new key).
+    return aggregate_files(list(paths))
 
 
 def print_leaderboard(store: RunStore) -> None:

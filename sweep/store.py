@@ -207,22 +207,27 @@ class RunStore:
                       if not p.name.startswith((".", "_")) and p.is_file() and p not in self._damaged)
 
     def read_parts(self, columns: list[str] | None = None, filter=None, files: list[Path] | None = None) -> pa.Table:
-        """Rows of the dataset (or of `files`) in RESULT_SCHEMA: the one way it is read.
-        A part file that cannot be read is set aside, and the rest read again."""
+        """Rows of the dataset (or of `files`) in RESULT_SCHEMA."""
+
+        def scan(paths: list[Path]) -> pa.Table:
+            # A fresh dataset object each call: one does not see files added later.
+            dataset = ds.dataset([str(p) for p in paths], format="parquet", schema=RESULT_SCHEMA)
+            return dataset.to_table(columns=columns, filter=filter)
+
+        return self.scan_parts(scan, files)
+
+    def scan_parts(self, read: Callable[[list[Path]], Any], files: list[Path] | None = None) -> Any:
+        """`read(part files)` over the dataset (or `files`): the one way it is read. A part
+        file that cannot be read is set aside, and the rest read again."""
         try:
-            return self._scan(columns, filter, files)
+            return read(self._candidates(files))
         except (pa.ArrowException, OSError):
             self._check_parts(self._candidates(files))
-        return self._scan(columns, filter, files)
+        return read(self._candidates(files))
 
     def _candidates(self, files: list[Path] | None) -> list[Path]:
         paths = self.part_files() if files is None else files
         return [p for p in paths if p not in self._damaged and (files is None or p.exists())]
-
-    def _scan(self, columns, filter, files) -> pa.Table:
-        # A fresh dataset object each call: one does not see files added later.
-        dataset = ds.dataset([str(p) for p in self._candidates(files)], format="parquet", schema=RESULT_SCHEMA)
-        return dataset.to_table(columns=columns, filter=filter)
 
     def _check_parts(self, paths: list[Path]) -> None:
         """Read each file on its own and set aside those whose content is damaged. A file

@@ -192,18 +192,17 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
 
         # -- model detail ---------------------------------------------------------------
         def detail_choices(run_id):
-            rows = folder.rows(run_id) if run_id else None
-            if rows is None or rows.empty:
+            jobs = folder.jobs(run_id) if run_id else None
+            if not jobs or not jobs[0]:
                 return gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None)
-            models, tasks = sorted(rows["model"].unique()), sorted(rows["task"].unique())
+            models, tasks = jobs
             return (gr.Dropdown(choices=models, value=models[0]),
                     gr.Dropdown(choices=tasks, value="chat" if "chat" in tasks else tasks[0]))
 
         def detail(run_id, model, task):
-            rows = folder.rows(run_id) if run_id else None
-            if rows is None or not model or not task:
+            sub = folder.rows(run_id, model, task) if run_id and model and task else None
+            if sub is None:
                 return "Pick a run with per-request rows, a model and a task.", None, None, None
-            sub = rows[(rows["model"] == model) & (rows["task"] == task)]
             if sub.empty:
                 return f"No responses of {model} on {task} in {run_id}.", None, None, None
             prompts = folder.prompts(run_id)

@@ -1,7 +1,10 @@
 """What the UI shows, read from the runs folder: aggregates, per-request rows, prompts.
 
-Each run is re-read only when its files change (a cheap directory listing decides), so
-the page can poll every few seconds while a sweep writes.
+Each run is re-read only when its files change (a cheap directory listing decides), and
+then only its new part files: per part file the UI keeps partial sums (sweep.aggregate)
+and adds them up, so the page can poll every few seconds while a sweep writes, at the
+same cost at row 480,000 as at row 100. Per-request rows are read only for the model
+detail, one (run, model, task) at a time.
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
-from sweep.report import AGGREGATES_FILE, aggregate, read_imported
+from sweep.aggregate import PART_FILE, finish, partials, results_dataset
+from sweep.report import AGGREGATES_FILE, read_imported
 from sweep.store import RunStore
 
 # Columns of the leaderboard, in order, with their units for the header.
@@ -38,6 +45,9 @@ DISPLAY = {
 }
 NUMERIC = ["parameters", "energy", "energy_per_token", "throughput", "response_length", "latency", "responses",
            "arc", "hellaswag", "truthfulqa", "energy_ci_low", "energy_ci_high", "ttft", "energy_above_idle"]
+# What the model-detail view shows of each request.
+DETAIL_COLUMNS = ["prompt_id", "response", "response_tokens", "energy_j", "energy_note", "latency_s", "gpu_name",
+                  "template"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -52,8 +62,8 @@ def hub_url(path: str | None) -> str | None:
 class _Cached:
     fingerprint: tuple
     aggregates: pd.DataFrame
-    rows: pd.DataFrame | None
-    parts: dict[str, pd.DataFrame] = field(default_factory=dict)  # part file name -> its rows
+    partials: pa.Table | None = None  # per part file, see sweep.aggregate.partials; None: aggregate-only run
+    files: frozenset[str] = frozenset()  # part files the partials cover (a file may hold no rows)
 
 
 @dataclass
@@ -88,18 +98,23 @@ class RunsFolder:
         if hit is not None and hit.fingerprint == fp:
             return hit
         if imported.is_file():
-            hit = _Cached(fp, read_imported(imported), None)
+            hit = _Cached(fp, read_imported(imported))
         else:
-            # Part files are written once and never change: read only the new ones (through
-            # the store, which sets a damaged one aside).
-            old = hit.parts if hit is not None else {}
-            frames = {n: old[n] if n in old else store.read_parts(files=[store.results_dir / n]).to_pandas()
-                      for n, _ in parts}
-            rows = pd.concat(frames.values(), ignore_index=True) if frames else store.read_results()
-            agg = aggregate(rows)
+            # Part files are written once and never change: scan only the new ones (through
+            # the store, which sets a damaged one aside), and drop the partials of files
+            # that are gone.
+            names = frozenset(n for n, _ in parts)
+            old = hit.partials if hit is not None and hit.partials is not None else None
+            known = hit.files if old is not None else frozenset()
+            new = [run_dir / "results" / n for n in sorted(names - known)]
+            scanned = store.scan_parts(lambda paths: partials(paths, by_file=True), files=new)
+            kept = [old.filter(pc.is_in(old[PART_FILE], pa.array(sorted(names), pa.string())))] if old else []
+            # In file-name order, as a scan of the folder sees the rows.
+            table = pa.concat_tables(kept + [scanned]).sort_by(PART_FILE)
+            agg = finish(table)
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
-            hit = _Cached(fp, agg, rows, frames)
+            hit = _Cached(fp, agg, table, names)
         self._cache[run_dir.name] = hit
         return hit
 
@@ -114,10 +129,33 @@ class RunsFolder:
                 agg[col] = np.nan
         return agg
 
-    def rows(self, run_id: str) -> pd.DataFrame | None:
-        """Per-request rows of a run (None for aggregate-only runs)."""
+    def _per_request(self, run_id: str) -> _Cached | None:
         run_dir = self.root / run_id
-        return self._load(run_dir).rows if run_dir in self.run_dirs() else None
+        if run_dir not in self.run_dirs():
+            return None
+        hit = self._load(run_dir)
+        return hit if hit.partials is not None else None
+
+    def jobs(self, run_id: str) -> tuple[list[str], list[str]] | None:
+        """(models, tasks) of a run with per-request rows (None for aggregate-only runs)."""
+        hit = self._per_request(run_id)
+        if hit is None:
+            return None
+        return sorted(hit.aggregates["model"].unique()), sorted(hit.aggregates["task"].unique())
+
+    def rows(self, run_id: str, model: str, task: str) -> pd.DataFrame | None:
+        """Per-request rows of one (model, task) of a run (None for aggregate-only runs),
+        DETAIL_COLUMNS only, read from the part files that hold them."""
+        hit = self._per_request(run_id)
+        if hit is None:
+            return None
+        p = hit.partials
+        holding = pc.unique(p.filter(pc.and_(pc.equal(p["model"], model), pc.equal(p["task"], task)))[PART_FILE])
+        store = RunStore(self.root / run_id)
+        job = (ds.field("model") == model) & (ds.field("task") == task)
+        table = store.scan_parts(lambda paths: results_dataset(paths).to_table(columns=DETAIL_COLUMNS, filter=job),
+                                 files=[store.results_dir / n for n in holding.to_pylist()])
+        return table.to_pandas()
 
     def prompts(self, run_id: str) -> pd.DataFrame:
         return RunStore(self.root / run_id).read_prompts()
