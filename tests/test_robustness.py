@@ -30,6 +30,11 @@ def hostile_run(tmp_path_factory):
     return run_sweep_cli(*args), tmp / "runs" / "h", args
 
 
+def folder_jobs(folder):
+    models, tasks = folder.jobs("h")
+    return [(m, t) for m in models for t in tasks]
+
+
 def test_any_model_name_is_stored_once_and_seen_by_every_reader(hostile_run):
     from ui.data import RunsFolder
 
@@ -38,8 +43,11 @@ def test_any_model_name_is_stored_once_and_seen_by_every_reader(hostile_run):
     df = pd.read_parquet(run_dir / "results")
     assert len(df) == 4 * 3 and not df.duplicated(["model", "task", "prompt_id"]).any()
     assert sorted(df["model"].unique()) == sorted(HOSTILE_NAMES)
-    ui_rows = RunsFolder(run_dir.parent).rows("h")
-    assert sorted(zip(ui_rows["model"], ui_rows["prompt_id"])) == sorted(zip(df["model"], df["prompt_id"]))
+    folder = RunsFolder(run_dir.parent)
+    agg = folder.aggregates()
+    assert sorted(agg["model"]) == sorted(HOSTILE_NAMES) and (agg["responses"] == 3).all()
+    ui_ids = sorted((m, t, p) for m, t in folder_jobs(folder) for p in folder.rows("h", m, t)["prompt_id"])
+    assert ui_ids == sorted(zip(df["model"], df["task"], df["prompt_id"]))
     assert not (run_dir.parent.parent / "etc").exists()  # the name is no path
     # resume sees them as stored, and closes its session (the UI would show it running)
     rerun = run_sweep_cli(*args)
