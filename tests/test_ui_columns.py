@@ -37,8 +37,8 @@ def ui_client(tmp_path_factory):
 ])
 def test_custom_column_names_must_be_new_plain_names(ui_client, name, refused):
     client, _ = ui_client
-    out = client.predict(name, "energy / response_length", ["demo"], ["H200"], "chat", "parameters", "energy",
-                         "model", api_name="/add_column")
+    out = client.predict(name, "energy / response_length", ["demo"], ["H200"], "chat", ["transformers"], "parameters",
+                         "energy", "model", api_name="/add_column")
     msg, table = out[0], out[3]["value"]
     if refused:
         assert msg.startswith("⚠️ Column refused") and refused in msg, msg
@@ -51,5 +51,6 @@ def test_custom_column_names_must_be_new_plain_names(ui_client, name, refused):
 def test_the_page_says_a_damaged_file_was_set_aside(ui_client):
     client, store = ui_client
     store.write_part(synthetic_rows("demo", "beta", "chat", [1.0], [1]), "beta__chat-1").write_bytes(b"")
-    out = client.predict(["demo"], ["H200"], "chat", "parameters", "energy", "model", None, api_name="/refresh")
-    assert "1 damaged file(s) set aside" in out[9], out[9]
+    out = client.predict(["demo"], ["H200"], "chat", ["transformers"], "parameters", "energy", "model", None,
+                         api_name="/refresh")
+    assert "1 damaged file(s) set aside" in out[10], out[10]
