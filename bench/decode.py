@@ -36,6 +36,7 @@ from sweep.backends import load_backend  # noqa: E402
 from sweep.config import GenerationSettings, ModelSpec, TaskSpec, TasksFile  # noqa: E402
 from sweep.meter import EnergyMeter  # noqa: E402
 from sweep.prompts import builtin_prompts  # noqa: E402
+from sweep.store import RunStore  # noqa: E402
 from sweep.worker import Worker, request_seed  # noqa: E402
 
 SYSTEM = ("A chat between a human user (prompter) and an artificial intelligence (AI) assistant. "
@@ -154,10 +155,11 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
         for p in warm + prompts:
             be.generate(SYSTEM, p.text, seed=0)
         with tempfile.TemporaryDirectory() as run_dir, NvmlEnergyLog() as nvml:
-            worker = Worker(run_dir, "bench", spec.model_dump(mode="json"), tasks.model_dump(mode="json"), 1, _NoHub())
+            worker = Worker("bench", spec.model_dump(mode="json"), tasks.model_dump(mode="json"), 1, _NoHub())
             worker.backend, worker.meter = be, EnergyMeter(1)
             worker.idle_power_w = worker.meter.idle_power_w(1.0)
-            writer = worker.store.writer("bench")
+            store = RunStore(run_dir)
+            writer = store.writer("bench")
             bare_s = worker_s = 0.0
             bare_tokens = 0
             for i, (p, s) in enumerate(zip(prompts, seeds)):
@@ -170,7 +172,7 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
                         worker.serve(writer, "chat", SYSTEM, p)
                         worker_s += time.perf_counter() - t
             writer.close()
-            rows = worker.store.read_results()
+            rows = store.read_results()
         worker_tokens = int(rows["response_tokens"].sum())
         stored_j = float(rows["energy_j"].sum())
         start = rows["started_at"].map(pd.Timestamp.timestamp)

@@ -21,6 +21,11 @@ from sweep.checkpoints import RANDOM_PREFIX, PRESETS
 BUILTIN_DATASET = "builtin"
 
 
+# Ray's own resources; a model asks for custom ones only (sweep sets GPU and CPU per worker).
+RAY_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory", "accelerator_type"})
+CUSTOM_RESOURCE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,99}")
+
+
 class ConfigError(Exception):
     """A configuration problem, already phrased as `file: field: what is wrong`."""
 
@@ -49,6 +54,23 @@ class ModelSpec(_Strict):
     revision: str | None = None
     trust_remote_code: bool = False
     tasks: tuple[str, ...] | None = Field(default=None, description="Subset of tasks.yaml; default all")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="Ray custom resources each worker needs, e.g. {node_b: 1}")
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        # GPUs and CPUs are `gpus` and the driver's business; names are what `ray start
+        # --resources` accepts, so a typo fails here rather than leave a worker pending.
+        for name, amount in resources.items():
+            if not CUSTOM_RESOURCE.fullmatch(name):
+                raise ValueError(f"resource name {name[:60]!r}: use letters, digits, '_', '-', '.' or ':', "
+                                 f"starting with a letter or '_'")
+            if name in RAY_RESOURCES:
+                raise ValueError(f"resource {name!r} is set by sweep itself (use gpus: for GPUs)")
+            if not amount > 0:
+                raise ValueError(f"resource {name!r}: must be a positive number (got {amount!r})")
+        return resources
 
     @field_validator("name")
     @classmethod

@@ -1,5 +1,8 @@
 """The Ray driver: start or join a cluster, run one worker actor per GPU, collect.
 
+The run directory is on the driver's machine. Workers may run on any node; their rows
+reach the directory through the session's writer actor, pinned to this node (writer.py).
+
 Everything that can be wrong with the input is checked before this module is entered
 (see cli.py); from here on, a model that fails is recorded as a failed job and the
 others go on.
@@ -109,10 +112,11 @@ def run_sweep(
 
     from sweep.progress import ProgressBars, ProgressHub
     from sweep.worker import Worker
+    from sweep.writer import start_writer
 
     store = RunStore(opts.run_dir)
     outcome = SweepOutcome()
-    bars = hub = None
+    bars = hub = writer = None
 
     def fail(job: Job, error: str) -> None:
         try:
@@ -136,11 +140,18 @@ def run_sweep(
         if not gpu_mode:
             print("No NVIDIA GPU in the cluster: energy_j will be empty (each row's energy_note says why). "
                   "Energy needs a GPU node, e.g. python -m sweep --config models-gpu.yaml", flush=True)
+        writer = start_writer(store.run_dir, opts.run_id, (store.locks_dir / "driver.lock").read_text().strip())
+        try:
+            ray.get(writer.where.remote())
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"the run's writer did not start on the driver's node: {exc}") from None
 
         runnable = []
         for job in jobs:
             if gpu_mode and width[job.model] > per_node:
                 fail(job, f"needs {width[job.model]} GPUs on one node; the largest node has {per_node}")
+            elif missing := _unplaceable(specs[job.model].resources, width[job.model] if gpu_mode else 0):
+                fail(job, missing)
             else:
                 runnable.append(job)
 
@@ -175,9 +186,10 @@ def run_sweep(
                     name=f"{model} #{serial[model]} [{opts.run_id}]",
                     num_gpus=slots if gpu_mode else 0,
                     num_cpus=0 if gpu_mode else 1,
+                    resources=dict(specs[model].resources),
                     max_restarts=0,
-                ).remote(opts.run_dir, opts.run_id, specs[model].model_dump(mode="json"), tasks_json,
-                         slots if gpu_mode else 0, hub)
+                ).remote(opts.run_id, specs[model].model_dump(mode="json"), tasks_json,
+                         slots if gpu_mode else 0, hub, writer)
                 sched.worker_started(model)
                 assign(actor, model)
             if not inflight:
@@ -224,5 +236,36 @@ def run_sweep(
     finally:
         if bars is not None:
             outcome.written = sum(bars.stored.values()) - sum(stored.values())
+        if writer is not None:
+            _close_writer(writer, outcome)
         ray.shutdown()
     return outcome
+
+
+def _unplaceable(resources: dict[str, float], gpus: int) -> str | None:
+    """Why no live node can take a worker that asks for `resources` (and `gpus` GPUs),
+    or None: Ray would otherwise keep such an actor pending for ever, silently."""
+    import ray
+
+    if not resources:
+        return None
+    for node in ray.nodes():
+        have = node["Resources"] if node["Alive"] else {}
+        if have.get("GPU", 0) >= gpus and all(have.get(k, 0) >= v for k, v in resources.items()):
+            return None
+    asked = ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + (f", GPU: {gpus}" if gpus else "")
+    return f"no node of the cluster has the resources the model asks for ({asked})"
+
+
+def _close_writer(writer, outcome: SweepOutcome) -> None:
+    """Jobs still open at the writer (stopped, or their worker died for good) get their
+    rows into Parquet now; what fails here stays in the logs, recovered on resume."""
+    import ray
+
+    try:
+        ray.get(writer.close_all.remote(), timeout=30)
+    except ray.exceptions.RayTaskError as exc:
+        if is_disk_full(exc.cause) and not outcome.disk_full:
+            outcome.disk_full = f"writing {exc.cause.filename or 'the run directory'}: {exc.cause}"
+    except Exception:  # interrupted, writer gone: the write-ahead logs hold the rows
+        pass

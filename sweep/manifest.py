@@ -105,7 +105,11 @@ def merge_for_resume(manifest: dict, models: ModelsFile, tasks: TasksFile, tasks
             continue
         old.setdefault("tasks", None)  # runs stored before these fields existed
         old.setdefault("backend", "transformers")
-        changed = _diff(old, spec.model_dump(mode="json"))
+        new = spec.model_dump(mode="json")
+        # Where a worker runs (`resources`) is no measurement setting: each row records its
+        # host and GPU, and a resume may place the model elsewhere.
+        old["resources"] = new["resources"]
+        changed = _diff(old, new)
         if changed:
             raise ConfigError(f"{models_path}: models[{i}].{changed} in the stored run; use a new --run-id")
     return manifest

@@ -5,7 +5,7 @@
     runs/<run_id>/results/*.parquet    one row per request (the dataset)
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
-    runs/<run_id>/locks/<job>.lock     held by the one process running a job
+    runs/<run_id>/locks/<job>.lock     held by the one process writing a job (the session's writer)
     runs/<run_id>/locks/driver.lock    held by the one driver writing the run
     runs/<run_id>/.quarantine/         damaged files, set aside where no reader trips on them
 
@@ -309,7 +309,7 @@ class RunStore:
 
     @contextmanager
     def job_lock(self, slug: str, timeout_s: float = 300.0) -> Iterator[None]:
-        """Exclusive right to run one job. A worker left over from a killed driver still
+        """Exclusive right to write one job. A writer left over from a killed driver still
         holds it until it exits, so a quick rerun waits instead of writing twice."""
         self.locks_dir.mkdir(parents=True, exist_ok=True)
         with open(self.locks_dir / f"{slug}.lock", "w") as fh:

@@ -2,7 +2,8 @@
 
 The actor loads its model on the first job and keeps it for every later job of the same
 model. Each request is bracketed by an energy window on the actor's own GPUs, and its
-row goes to the run's store before the next request starts.
+row goes to the session's writer (sweep/writer.py, on the driver's node: the actor may
+run on any node of a cluster) and is durable there before the next request starts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 import traceback
 from datetime import datetime, timezone
 from typing import Any
@@ -17,7 +19,11 @@ from typing import Any
 from sweep.config import ModelSpec, TasksFile
 from sweep.prompts import Prompt
 from sweep.record import ResultRow
-from sweep.store import RunStore, is_disk_full, job_slug
+from sweep.store import is_disk_full
+
+# A job still held by a writer of a killed driver is asked for again this often, this long.
+OPEN_RETRY_S = 0.5
+OPEN_TIMEOUT_S = 300.0
 
 
 def request_seed(seed: int, task: str, prompt_id: str) -> int:
@@ -44,11 +50,43 @@ def _device_info(num_gpus: int) -> dict[str, Any]:
     return info
 
 
-class Worker:
-    """One model on `num_gpus` GPUs (0: a CPU worker). Ray wraps this class in the driver."""
+def _cause(exc: BaseException) -> BaseException:
+    """The exception raised inside another actor (the writer), not Ray's wrapper of it."""
+    import ray
 
-    def __init__(self, run_dir: str, run_id: str, spec: dict, tasks: dict, num_gpus: int, hub: Any) -> None:
-        self.store = RunStore(run_dir)
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        return exc.cause
+    return exc
+
+
+class RemoteJob:
+    """One job opened at the session's writer: `append` returns once the row is durable."""
+
+    def __init__(self, writer: Any, model: str, task: str) -> None:
+        import ray
+
+        self._ray, self.writer, self.model, self.task = ray, writer, model, task
+        deadline = time.monotonic() + OPEN_TIMEOUT_S
+        while (opened := ray.get(writer.open_job.remote(model, task))) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {model} / {task} is held by another process")
+            time.sleep(OPEN_RETRY_S)
+        self.token, done = opened
+        self.done = set(done)
+
+    def append(self, row: dict) -> None:
+        self._ray.get(self.writer.append.remote(self.model, self.task, self.token, row))
+
+    def close(self) -> None:
+        self._ray.get(self.writer.close_job.remote(self.model, self.task, self.token))
+
+
+class Worker:
+    """One model on `num_gpus` GPUs (0: a CPU worker). Ray wraps this class in the driver;
+    `writer` is the session's RunWriter actor."""
+
+    def __init__(self, run_id: str, spec: dict, tasks: dict, num_gpus: int, hub: Any, writer: Any = None) -> None:
+        self.writer = writer
         self.run_id = run_id
         self.spec = ModelSpec.model_validate(spec)
         self.tasks = TasksFile.model_validate(tasks)
@@ -79,33 +117,31 @@ class Worker:
         """Run every prompt of (this model, task_name) not yet stored. Never raises for a
         model problem: returns {"ok": False, "phase": "load"|"generate", "error": ...}."""
         model = self.spec.name
-        slug = job_slug(model, task_name)
         system_prompt = next(t.system_prompt for t in self.tasks.tasks if t.name == task_name)
         phase = "load"
         try:
-            with self.store.job_lock(slug):
-                self.store.recover_wal(slug, model, task_name)
-                done = self.store.done_prompt_ids(model, task_name).get((model, task_name), set())
-                todo = [p for p in prompts if p.prompt_id not in done]
+            job = RemoteJob(self.writer, model, task_name)
+            try:
+                todo = [p for p in prompts if p.prompt_id not in job.done]
                 self.hub.start.remote(model, task_name, len(prompts) - len(todo), len(prompts))
                 if todo and self.backend is None:
                     self._load(prompts, system_prompt)
                 phase = "generate"
-                writer = self.store.writer(slug)
-                try:
-                    for prompt in todo:
-                        self.serve(writer, task_name, system_prompt, prompt)
-                finally:
-                    writer.close()
+                for prompt in todo:
+                    self.serve(job, task_name, system_prompt, prompt)
+            finally:
+                job.close()
         except Exception as exc:
-            return {"ok": False, "phase": phase, "device": self.device, "disk_full": is_disk_full(exc),
-                    "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            cause = _cause(exc)  # a full disk at the writer reads as OSError(ENOSPC) here too
+            return {"ok": False, "phase": phase, "device": self.device, "disk_full": is_disk_full(cause),
+                    "error": f"{type(cause).__name__}: {cause}", "traceback": traceback.format_exc()}
         finally:
             self.hub.finish.remote(model, task_name)
         return {"ok": True, "device": self.device}
 
     def serve(self, writer, task: str, system_prompt: str, prompt: Prompt) -> None:
-        """One request as a sweep serves it: measured, stored durably, counted."""
+        """One request as a sweep serves it: measured, stored durably (`writer`: a
+        RemoteJob, or a store's JobWriter), counted."""
         writer.append(self._measure(task, system_prompt, prompt))
         self.hub.advance.remote(self.spec.name, task)
 

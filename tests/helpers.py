@@ -38,6 +38,31 @@ def run_sweep_cli(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     )
 
 
+def kill_worker_and_finish(proc: subprocess.Popen, candidates, job: str, timeout=600) -> str:
+    """SIGKILL the worker running `job` ("model / task"; worker processes are titled by
+    their job, as in the Ray dashboard) among `candidates` (processes), let the sweep
+    `proc` finish, check that it replaced the worker and finished; returns its output."""
+    import psutil
+
+    def title(p) -> str:
+        try:
+            return (p.cmdline() or [""])[0]
+        except psutil.Error:  # gone meanwhile
+            return ""
+
+    workers = [p for p in candidates if title(p).startswith(f"ray::{job}")]
+    try:
+        assert workers, f"no worker process for {job} found"
+        workers[0].kill()
+        stdout, _ = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    text = stdout.decode()
+    assert proc.returncode == 0, text[-3000:]
+    assert "died" in text and "resuming the job on a new worker" in text
+    return text
+
+
 def synthetic_rows(run_id, model, task, energies, tokens, gpu_name="NVIDIA H200", gpu_index=0, latency=None,
                    model_path=None, params_b=1.1):
     """Per-request rows in the results schema, with chosen energies (J) and lengths (tokens)."""

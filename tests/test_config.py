@@ -37,6 +37,13 @@ def test_shipped_configs_are_valid():
         ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "model name 'a' appears twice"),
         ({"models": []}, "models: Tuple should have at least 1 item"),
         ({"model": []}, "models: Field required"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"node_b": 0}}]}, "models[0].resources: resource 'node_b': must be a positive number"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"node_b": -1}}]}, "must be a positive number"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"node_b": float("inf")}}]}, "models[0].resources.node_b: Input should be a finite number"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"node_b": "lots"}}]}, "models[0].resources.node_b: Input should be a valid number"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"GPU": 1}}]}, "resource 'GPU' is set by sweep itself (use gpus: for GPUs)"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"node b": 1}}]}, "resource name 'node b': use letters"),
+        ({"models": [{"name": "a", "path": "x", "resources": ["node_b"]}]}, "models[0].resources: Input should be a valid dictionary"),
     ],
 )
 def test_bad_models_file(tmp_path, models, expected):
@@ -108,3 +115,27 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_run(tmp_path):
     assert proc.returncode == 2
     assert "generation.temperature was 0.7, now 0.9" in proc.stderr
     assert manifest.read_text() == before
+
+
+def test_resources_pin_a_model_to_nodes(tmp_path):
+    path = write_yaml(tmp_path / "models.yaml", {"models": [
+        {"name": "a", "path": "random:llama-tiny", "resources": {"node_b": 1, "big-mem": 0.5}},
+        {"name": "b", "path": "random:llama-tiny"},
+    ]})
+    a, b = load_models(path).models
+    assert a.resources == {"node_b": 1.0, "big-mem": 0.5} and b.resources == {}
+
+
+def test_a_resume_may_move_a_model_but_not_change_it(tmp_path):
+    from sweep.manifest import merge_for_resume, new_manifest
+
+    def models(**entry):
+        return load_models(write_yaml(tmp_path / "m.yaml", {"models": [{"name": "a", "path": "random:llama-tiny", **entry}]}))
+
+    tasks = load_tasks(tasks_yaml(tmp_path))
+    manifest = new_manifest("r", models(), tasks, {})
+    del manifest["models"][0]["resources"]  # a run stored before the field existed
+    merged = merge_for_resume(manifest, models(resources={"node_b": 1}), tasks, "t.yaml", "m.yaml")
+    assert merged["models"][0]["resources"] == {"node_b": 1.0}
+    with pytest.raises(ConfigError, match="models\\[0\\].dtype"):
+        merge_for_resume(manifest, models(resources={"node_b": 1}, dtype="bfloat16"), tasks, "t.yaml", "m.yaml")

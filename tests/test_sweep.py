@@ -15,7 +15,7 @@ import pytest
 
 from sweep.store import RunStore
 
-from tests.helpers import ROOT, run_sweep_cli, tasks_yaml, write_yaml
+from tests.helpers import ROOT, kill_worker_and_finish, run_sweep_cli, tasks_yaml, write_yaml
 
 LINEUP = ROOT / "models.yaml"
 REQUIRED = ["run_id", "model", "task", "gpu_name", "gpu_index", "prompt_id", "prompt_tokens", "response_tokens",
@@ -168,18 +168,7 @@ def test_a_killed_worker_is_replaced_and_its_job_finished(tmp_path):
     run_dir = out / "w"
     _, proc = _start(tmp_path, out, "w", prompts=30)
     _wait_for_rows(run_dir, 6, proc)
-    # Worker processes are titled by the job they run, as in the Ray dashboard.
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if (p.cmdline() or [""])[0].startswith("ray::tiny-vicuna / chat")]
-    try:
-        assert workers, "no worker process found"
-        workers[0].kill()
-        stdout, _ = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    text = stdout.decode()
-    assert proc.returncode == 0, text[-3000:]
-    assert "died" in text and "resuming the job on a new worker" in text
+    kill_worker_and_finish(proc, psutil.Process(proc.pid).children(recursive=True), "tiny-vicuna / chat")
     df = pd.read_parquet(run_dir / "results")
     assert len(df) == 60 and not df.duplicated(["model", "task", "prompt_id"]).any()
 

@@ -1,0 +1,130 @@
+"""The session's writer: one owner of the run directory, rows acknowledged once durable."""
+
+import errno
+import fcntl
+import statistics
+import time
+
+import pandas as pd
+import pytest
+
+from sweep.store import RunStore, job_slug
+from sweep.writer import RunWriter, StaleJob, WrongNode
+
+from tests.helpers import synthetic_rows
+
+
+def _run(tmp_path) -> tuple[RunStore, str]:
+    """A run directory as a driver leaves it: created, its driver lock written."""
+    store = RunStore(tmp_path / "r")
+    store.create()
+    text = "pid 1 on driver-host"
+    (store.locks_dir / "driver.lock").write_text(text + "\n")
+    return store, text
+
+
+def test_rows_stored_once_and_the_job_released(tmp_path):
+    store, lock = _run(tmp_path)
+    w = RunWriter(str(store.run_dir), lock)
+    rows = synthetic_rows("r", "m", "chat", [1.0, 2.0, 3.0], [5, 6, 7])
+    token, done = w.open_job("m", "chat")
+    assert done == []
+    for row in rows[:2]:
+        w.append("m", "chat", token, row)
+    # acknowledged means in the log, fsync'ed: a crash now keeps both rows
+    assert set(store.done_prompt_ids("m", "chat")[("m", "chat")]) == {"p0", "p1"}
+    # a worker that took over (the first one died) resumes after what is stored
+    token2, done = w.open_job("m", "chat")
+    assert done == ["p0", "p1"] and token2 != token
+    with pytest.raises(StaleJob):  # the presumed-dead worker's late row is refused
+        w.append("m", "chat", token, rows[2])
+    w.append("m", "chat", token2, rows[2])
+    w.close_job("m", "chat", token2)
+    df = store.read_results()
+    assert sorted(df["prompt_id"]) == ["p0", "p1", "p2"]
+    assert not list(store.wal_dir.iterdir())
+    with pytest.raises(StaleJob):
+        w.append("m", "chat", token2, rows[0])
+
+
+def test_a_job_held_elsewhere_is_busy_until_released(tmp_path):
+    store, lock = _run(tmp_path)
+    w = RunWriter(str(store.run_dir), lock)
+    with open(store.locks_dir / f"{job_slug('m', 'chat')}.lock", "w") as other:  # a writer of a killed driver
+        fcntl.flock(other, fcntl.LOCK_EX)
+        assert w.open_job("m", "chat") is None
+        fcntl.flock(other, fcntl.LOCK_UN)
+    assert w.open_job("m", "chat") is not None
+    assert w.close_all() == 1
+
+
+def test_a_writer_that_cannot_see_the_drivers_run_refuses_to_start(tmp_path):
+    store, _ = _run(tmp_path)
+    with pytest.raises(WrongNode, match="must run on the driver's node"):
+        RunWriter(str(store.run_dir), "pid 2 on elsewhere")
+    with pytest.raises(WrongNode):
+        RunWriter(str(tmp_path / "absent"), "pid 1 on driver-host")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_acknowledged_append_latency_and_errors_through_ray(tmp_path, ray_local):
+    """What storing through the writer actor adds per request, against appending in the
+    worker's own process as before; and a full disk at the writer reads as one at the worker."""
+    from sweep.worker import RemoteJob, _cause
+    from sweep.store import is_disk_full
+    from sweep.writer import start_writer
+
+    ray = ray_local
+    store, lock = _run(tmp_path)
+    n = 200
+    rows = synthetic_rows("r", "m", "chat", [1.0] * n, [100] * n)
+    for row in rows:
+        row["response"] = "word " * 400  # a long response: ~2 KB of text per row
+
+    local = store.writer("local")
+    local_s = []
+    for row in rows:
+        t = time.perf_counter()
+        local.append({**row, "model": "local"})
+        local_s.append(time.perf_counter() - t)
+    local.close()
+
+    writer = start_writer(store.run_dir, "r", lock)
+
+    @ray.remote(num_cpus=0)
+    def serve(writer, rows):
+        job = RemoteJob(writer, "m", "chat")
+        took = []
+        for row in rows:
+            t = time.perf_counter()
+            job.append(row)
+            took.append(time.perf_counter() - t)
+        job.close()
+        return took
+
+    remote_s = ray.get(serve.remote(writer, rows))
+    added_ms = (statistics.mean(remote_s) - statistics.mean(local_s)) * 1e3
+    print(f"\nacknowledged append, {n} rows: through the writer actor mean {statistics.mean(remote_s) * 1e3:.2f} ms "
+          f"(median {statistics.median(remote_s) * 1e3:.2f}), in-process {statistics.mean(local_s) * 1e3:.2f} ms; "
+          f"added {added_ms:.2f} ms per request")
+    df = store.read_results()
+    assert (df["model"] == "m").sum() == n and not df.duplicated(["model", "prompt_id"]).any()
+    assert added_ms < 50, "the writer adds too much per request"
+
+    @ray.remote(num_cpus=0)
+    class Full:
+        def append(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as err:
+        ray.get(Full.remote().append.remote())
+    assert is_disk_full(_cause(err.value)) and "No space left" in str(_cause(err.value))
+    ray.kill(writer)
