@@ -2,27 +2,37 @@
 column or cannot be used in a formula are refused; a damaged file does not stop the page."""
 
 import socket
+from contextlib import contextmanager
 
 import pytest
 
 from tests.helpers import make_run, synthetic_rows
 
 
-@pytest.fixture(scope="module")
-def ui_client(tmp_path_factory):
+@contextmanager
+def _serve(root):
+    """The page on a free local port, and an API client of it."""
     from gradio_client import Client
 
     from ui.app import build_app
 
-    root = tmp_path_factory.mktemp("ui-runs")
-    store = make_run(root, "demo", [synthetic_rows("demo", "alpha-7b", "chat", [300.0, 340.0], [200, 220])])
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     demo = build_app(root, refresh_s=3600)
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}", verbose=False), store
-    demo.close()
+    try:
+        yield Client(f"http://127.0.0.1:{port}", verbose=False)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def ui_client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-runs")
+    store = make_run(root, "demo", [synthetic_rows("demo", "alpha-7b", "chat", [300.0, 340.0], [200, 220])])
+    with _serve(root) as client:
+        yield client, store
 
 
 @pytest.mark.parametrize("name, refused", [
@@ -54,3 +64,10 @@ def test_the_page_says_a_damaged_file_was_set_aside(ui_client):
     out = client.predict(["demo"], ["H200"], "chat", ["transformers"], "parameters", "energy", "model", None,
                          api_name="/refresh")
     assert "1 damaged file(s) set aside" in out[10], out[10]
+
+
+def test_an_empty_runs_folder_says_how_to_make_a_run(tmp_path):
+    with _serve(tmp_path) as client:
+        out = client.predict([], [], None, [], "parameters", "energy", "model", None, api_name="/refresh")
+    assert "No runs yet in" in out[10] and "python -m sweep --config models.yaml" in out[10], out[10]
+    assert out[4]["value"]["data"] == []  # an empty leaderboard, not an error on every component

@@ -46,6 +46,9 @@ def _bars(hist: pd.DataFrame) -> gr.BarPlot:
 
 def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
     folder = RunsFolder(Path(runs_root))
+    no_runs = (f"**No runs yet in `{runs_root}`.** Make one with `python -m sweep --config models.yaml --out {runs_root}`, "
+               f"or add the 2023 leaderboard's results with `python -m sweep import-mlenergy "
+               f"../shared/data/mlenergy_2023 --out {runs_root}`. They show up here by themselves.")
     csv_dir = Path(tempfile.mkdtemp(prefix="sweep-ui-"))
 
     def current():
@@ -133,7 +136,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             backends = [b for b in all_backends if b in (backends or []) or b not in (old_backends or [])]
             views = on_filter(runs, gpus, task, backends, custom_cols, x, y, color)
             manifests = {r: folder.manifest(r) for r in all_runs}
-            status = (f"{live_status(agg, manifests)}{set_aside_note(folder.set_aside())}"
+            status = (f"{live_status(agg, manifests) if all_runs else no_runs}{set_aside_note(folder.set_aside())}"
                       f"  \n_updated {time.strftime('%H:%M:%S')}_")
             unchanged = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
                          and all_backends == (old_backends or []) and detail_run is not None)

@@ -121,8 +121,8 @@ class RunsFolder:
     def aggregates(self) -> pd.DataFrame:
         frames = [self._load(d).aggregates for d in self.run_dirs()]
         frames = [f for f in frames if not f.empty]
-        if not frames:
-            return pd.DataFrame(columns=list(DISPLAY) + ["url"])
+        if not frames:  # every column a view reads, so that an empty folder shows empty views
+            return pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url"])))
         agg = pd.concat(frames, ignore_index=True)
         for col in NUMERIC + ["url"]:
             if col not in agg:
