@@ -17,7 +17,6 @@ Only `SCAN_COLUMNS` are read: never `response`, the bulk of the data.
 
 from __future__ import annotations
 
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,15 +64,6 @@ def gpu_short_name(gpu_name: str) -> str:
     """'NVIDIA H200' -> 'H200', 'NVIDIA A100-SXM4-80GB' -> 'A100-SXM4-80GB'."""
     name = re.sub(r"^NVIDIA\s+", "", str(gpu_name)).split(" ")[0]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "GPU"
-
-
-def part_files(results_dir: Path) -> list[Path]:
-    """The part files of a results folder, in name order, as a dataset reader sees them
-    (names starting with '.' or '_' are files being written or set aside)."""
-    if not results_dir.is_dir():
-        return []
-    return sorted(Path(e.path) for e in os.scandir(results_dir)
-                  if e.name.endswith(".parquet") and not e.name.startswith((".", "_")))
 
 
 def results_dataset(paths: list[Path]) -> ds.Dataset:

@@ -245,10 +245,6 @@ class RunStore:
                 what = str(exc).split(": ", 1)[-1].split(". ")[0][:120] if data else "0 bytes"
                 self.set_aside(path, f"damaged part file ({what}), its rows count as not stored")
 
-    def dataset(self) -> ds.Dataset:
-        """The part files as a pyarrow dataset (for ad-hoc reads; damage is not handled here)."""
-        return ds.dataset([str(p) for p in self.part_files()], format="parquet", schema=RESULT_SCHEMA)
-
     def _dataset_ids(self, model: str | None, task: str | None) -> dict[tuple[str, str], set[str]]:
         """{(model, task): prompt ids in the Parquet dataset}, optionally for one job."""
         done: dict[tuple[str, str], set[str]] = {}

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from sweep.aggregate import BACKEND_WHEN_ABSENT, KEYS, finish, gpu_short_name, part_files, partials, results_dataset
+from sweep.aggregate import BACKEND_WHEN_ABSENT, KEYS, finish, gpu_short_name, partials, results_dataset
 from sweep.record import RESULT_SCHEMA
 from sweep.report import run_aggregates
 from sweep.store import RunStore, job_slug
@@ -70,12 +70,12 @@ def test_same_figures_as_pandas(tmp_path):
 
 def test_partials_per_file_combine_to_the_whole(tmp_path):
     store = make_run(tmp_path, "r", _jobs(random.Random(1)))
-    per_file = partials(part_files(store.results_dir), by_file=True)
+    per_file = partials(store.part_files(), by_file=True)
     assert set(per_file["part_file"].to_pylist()) == {p.name for p in store.results_dir.glob("*.parquet")}
     # combined in any order of arrival, the figures are those of one scan
     halves = [per_file.slice(0, 10), per_file.slice(10)]
     pd.testing.assert_frame_equal(finish(pa.concat_tables(halves[::-1]).sort_by("part_file")),
-                                  finish(partials(part_files(store.results_dir))), rtol=1e-12)
+                                  finish(partials(store.part_files())), rtol=1e-12)
 
 
 def test_response_is_never_read(tmp_path):
@@ -85,7 +85,7 @@ def test_response_is_never_read(tmp_path):
     table = table.set_column(table.schema.get_field_index("response"), "response", pa.array([[1, 2]]))
     pq.write_table(table, store.results_dir / "m-odd.parquet")
     with pytest.raises(pa.ArrowException):
-        results_dataset(part_files(store.results_dir)).to_table()
+        results_dataset(store.part_files()).to_table()
     assert run_aggregates(store).iloc[0]["energy"] == 20.0
 
 

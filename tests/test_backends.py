@@ -108,10 +108,7 @@ def test_a_seed_reproduces_a_sampled_response_exactly():
 
 
 def _force_stop(be, tokens=(), strings=()):
-    be.template = dataclasses.replace(be.template, stop_token_ids=tuple(tokens), stop_strings=tuple(strings))
-    if hasattr(be, "_stop_ids"):
-        be._stop_ids, be._stop_strings = frozenset(tokens), tuple(strings)
-        be._stop_window = max((len(x.encode()) for x in strings), default=0) + 1
+    be.use_template(dataclasses.replace(be.template, stop_token_ids=tuple(tokens), stop_strings=tuple(strings)))
 
 
 def test_stop_token_stop_string_and_length_endings_mean_the_same_under_both_backends():
@@ -119,7 +116,6 @@ def test_stop_token_stop_string_and_length_endings_mean_the_same_under_both_back
     free = ours.generate(SYSTEM, PROMPTS[1], seed=0)
     assert free.stop_reason == "length" and free.response_tokens == 40
     with torch.no_grad():  # the generated ids, from the loop itself
-        ours.cache.reset()
         ids, _ = ours._decode_eager(ours.encode(SYSTEM, PROMPTS[1])[0], 40, 0.0)
     # A stop token: a generated token from the 6th on, where it first appears.
     stop_tok = next(t for i, t in enumerate(ids) if i >= 5 and t not in ids[:i])

@@ -69,11 +69,9 @@ def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_one_step_lat
     assert be.generate("Be brief.", "Tell me about the sea.", seed=4).response != a.response
     with torch.no_grad():
         torch.manual_seed(3)
-        be.cache.reset()
         ids, _ = be._decode_cuda(be.encode("Be brief.", "Tell me about the sea.")[0], 64)
     stop = next(t for i, t in enumerate(ids) if i >= 5 and t not in ids[:i])
-    be._stop_ids = frozenset([stop])
-    be.template = dataclasses.replace(be.template, stop_token_ids=(stop,))
+    be.use_template(dataclasses.replace(be.template, stop_token_ids=(stop,)))
     c = be.generate("Be brief.", "Tell me about the sea.", seed=3)
     assert c.stop_reason == "stop_token" and c.response_tokens == ids.index(stop)
     assert c.steps_past_stop == 1  # the next step was already queued when the host read the stop

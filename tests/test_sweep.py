@@ -101,7 +101,7 @@ def _stored_ids(run_dir):
     """(model, prompt_id) of rows stored now: in Parquet, or only in the write-ahead log."""
     ids = set()
     if (run_dir / "results").is_dir():
-        t = RunStore(run_dir).dataset().to_table(columns=["model", "prompt_id"]).to_pydict()
+        t = RunStore(run_dir).read_parts(columns=["model", "prompt_id"]).to_pydict()
         ids |= set(zip(t["model"], t["prompt_id"]))
     if (run_dir / "wal").is_dir():
         for p in (run_dir / "wal").glob("*.jsonl"):

@@ -5,7 +5,6 @@ import fcntl
 import statistics
 import time
 
-import pandas as pd
 import pytest
 
 from sweep.store import RunStore, job_slug

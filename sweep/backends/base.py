@@ -96,6 +96,10 @@ class HFModel:
         pad = self.tokenizer.pad_token_id
         self._pad_id = pad if pad is not None else (self.template.stop_token_ids or (None,))[0]
 
+    def use_template(self, template: ChatTemplate) -> None:
+        """Serve with another chat template (its stop tokens and strings included)."""
+        self.template = template
+
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")

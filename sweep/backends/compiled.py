@@ -99,11 +99,7 @@ class CompiledBackend(HFModel):
         self._tok = torch.zeros((1, 1), dtype=torch.long, device=dev)  # last token, input of the next step
         self._pos = torch.zeros((1,), dtype=torch.long, device=dev)  # its position in the cache
         self._seen = torch.zeros((vocab,), dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
-        self._stop_ids = frozenset(self.template.stop_token_ids)
-        self._stop_strings = tuple(self.template.stop_strings)
-        # A stop string of n bytes is completed within the last n text-bearing tokens; special
-        # tokens decode to nothing, so look further back than that.
-        self._stop_window = 2 * max((len(x.encode()) for x in self._stop_strings), default=0) + 8
+        self.use_template(self.template)
         params = inspect.signature(self.model.forward).parameters
         self._keep_logits = "logits_to_keep" in params
         # The cache keeps its own fill level on the device; its keyword was renamed in transformers 5.2x.
@@ -112,6 +108,15 @@ class CompiledBackend(HFModel):
         if self.on_cuda:
             self._host_tokens = torch.zeros((s.max_new_tokens,), dtype=torch.long, pin_memory=True)
             self._capture()
+
+    def use_template(self, template) -> None:
+        super().use_template(template)
+        # Looked up once per token: kept ready here.
+        self._stop_ids = frozenset(template.stop_token_ids)
+        self._stop_strings = tuple(template.stop_strings)
+        # A stop string of n bytes is completed within the last n text-bearing tokens; special
+        # tokens decode to nothing, so look further back than that.
+        self._stop_window = 2 * max((len(x.encode()) for x in self._stop_strings), default=0) + 8
 
     # -- the two pieces of model work --------------------------------------------------
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -180,13 +185,13 @@ class CompiledBackend(HFModel):
             if self.on_cuda:
                 tokens, ttft_s = self._decode_cuda(ids, s.max_new_tokens)
             else:
-                self.cache.reset()
                 tokens, ttft_s = self._decode_eager(ids, s.max_new_tokens, t0)
         self._sync()
         latency_s = time.perf_counter() - t0
         return self.result(ids, truncated, tokens, latency_s, ttft_s)
 
     def _decode_eager(self, ids: torch.Tensor, max_new: int, t0: float) -> tuple[list[int], float]:
+        self.cache.reset()
         self._prefill(ids)
         ttft_s = time.perf_counter() - t0
         tokens = [int(self._tok)]
