@@ -12,15 +12,23 @@ and the share of the bandwidth limit: bytes of weights a decode step reads (ever
 parameter but the input embedding table, of which it reads one row) times tokens/s,
 over the device-to-device copy bandwidth measured in the same run. Harness overhead
 compares the worker's per-request path (energy window, row, write-ahead log with fsync,
-progress message) with the same backend called bare, request by request, interleaved.
+progress message) with the same backend called bare: each prompt is served both ways with
+the same seed (the same tokens), back to back, alternating which goes first, for
+`--rounds` rounds; `overhead` is the median over those pairs of the worker's time per
+token over the bare one's, `direct` the worker's wall time outside `generate` over the
+time inside it (timed in the same requests: no run-to-run noise). `vs NVML` compares the
+stored energy, summed over the rows, with NVML's counter polled apart over the same
+energy windows.
 
     python bench/decode.py --presets tinyllama-1.1b llama2-7b --prompts 6 --max-new-tokens 256
+    python bench/decode.py --presets llama2-7b --ways hf-static compiled   # what the 7B targets need
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -114,6 +122,47 @@ def hf_generate(backend, ids, static: bool, seed: int) -> int:
     return out.shape[1] - ids.shape[1]
 
 
+class _TimedBackend:
+    """The backend as the worker sees it, timing what `generate` takes inside the worker: the
+    rest of a request's wall time there is what the harness adds."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.generate_s, self.last = backend, 0.0, None
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def generate(self, *args, **kwargs):
+        t = time.perf_counter()
+        self.last = self.backend.generate(*args, **kwargs)
+        self.generate_s += time.perf_counter() - t
+        return self.last
+
+
+class _StampedMeter:
+    """The worker's energy meter, noting the wall-clock bounds of each energy window, so the
+    independent NVML reading can be taken over exactly the stored windows."""
+
+    def __init__(self, meter) -> None:
+        self.meter, self.windows, self._begun = meter, [], None
+
+    def __getattr__(self, name):
+        return getattr(self.meter, name)
+
+    def begin(self, key):
+        self.meter.begin(key)
+        self._begun = time.time()
+
+    def end(self, key):
+        ended = time.time()
+        reading = self.meter.end(key)
+        self.windows.append((self._begun, ended))
+        return reading
+
+
+WAYS = ("hf-dynamic", "hf-static", "transformers", "compiled")
+
+
 def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   context_length=args.context_length, warmup_requests=2)
@@ -131,60 +180,92 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    for backend_name in ("transformers", "compiled"):
+    backends = [b for b in ("transformers", "compiled")
+                if b in args.ways or (b == "transformers" and {"hf-dynamic", "hf-static"} & set(args.ways))]
+    for backend_name in backends:
         spec = ModelSpec(name=preset, path=f"random:{preset}", conv_template="vicuna_v1.1", backend=backend_name)
         t0 = time.perf_counter()
         be = load_backend(spec, settings, "cuda")
         load_s = time.perf_counter() - t0
         wb = decode_weight_bytes(be.model)
-        print(f"# {preset} / {backend_name}: loaded in {load_s:.1f} s; {wb / 1e9:.2f} GB read per decode step", flush=True)
+        print(f"# {preset} / {backend_name}: loaded in {load_s:.1f} s; {wb / 1e9:.2f} GB read per decode step; "
+              f"attention {be.model.config._attn_implementation}", flush=True)
         encoded = [be.encode(SYSTEM, p.text)[0] for p in prompts]
 
+        warmed = False
         if backend_name == "transformers":
             for static in (False, True):
+                if f"hf-{'static' if static else 'dynamic'}" not in args.ways:
+                    continue
                 for p in warm + prompts:  # compiles (static), first use of each length (both)
                     hf_generate(be, be.encode(SYSTEM, p.text)[0], static, 0)
+                warmed = warmed or not static  # the backend runs HF dynamic: these lengths are warm
                 counts = []
                 joules, secs = energy.window(lambda: counts.extend(hf_generate(be, ids, static, s)
                                                                    for ids, s in zip(encoded, seeds)))
                 record(f"HF generate, {'static' if static else 'dynamic'} (bare)", sum(counts), secs, joules, wb)
+        if backend_name not in args.ways:
+            be = None
+            torch.cuda.empty_cache()
+            continue
 
-        # The backend bare vs inside a worker, request by request, alternating which goes
-        # first. The first use of a sequence length costs eager kernels a one-off setup
-        # that would tilt the comparison: a pass over the same prompts pays it up front.
-        for p in warm + prompts:
-            be.generate(SYSTEM, p.text, seed=0)
-        with tempfile.TemporaryDirectory() as run_dir, NvmlEnergyLog() as nvml:
+        # The backend bare vs inside a worker, request by request on the same prompt and
+        # seed (the same tokens), alternating which goes first, over several rounds. The
+        # first use of a sequence length costs eager kernels a one-off setup that would tilt
+        # the comparison: a pass over the same prompts pays it up front.
+        if not warmed:
+            for p in warm + prompts:
+                be.generate(SYSTEM, p.text, seed=0)
+        with NvmlEnergyLog() as nvml:
             worker = Worker("bench", spec.model_dump(mode="json"), tasks.model_dump(mode="json"), 1, _NoHub())
-            worker.backend, worker.meter = be, EnergyMeter(1)
+            timed, meter = _TimedBackend(be), _StampedMeter(EnergyMeter(1))
+            worker.backend, worker.meter = timed, meter
             worker.idle_power_w = worker.meter.idle_power_w(1.0)
-            store = RunStore(run_dir)
-            writer = store.writer("bench")
+            meter.windows.clear()
             bare_s = worker_s = 0.0
             bare_tokens = 0
-            for i, (p, s) in enumerate(zip(prompts, seeds)):
-                for path in ("bare", "worker") if i % 2 == 0 else ("worker", "bare"):
-                    t = time.perf_counter()
-                    if path == "bare":
-                        bare_tokens += be.generate(SYSTEM, p.text, seed=s).response_tokens
-                        bare_s += time.perf_counter() - t
-                    else:
-                        worker.serve(writer, "chat", SYSTEM, p)
-                        worker_s += time.perf_counter() - t
-            writer.close()
-            rows = store.read_results()
+            ratios, rounds = [], []
+            with tempfile.TemporaryDirectory() as base:
+                for r in range(args.rounds):
+                    store = RunStore(Path(base) / f"round{r}")  # each round stores its own rows
+                    writer = store.writer("bench")
+                    for i, (p, s) in enumerate(zip(prompts, seeds)):
+                        took = {}
+                        for path in ("bare", "worker") if (i + r) % 2 == 0 else ("worker", "bare"):
+                            t = time.perf_counter()
+                            if path == "bare":
+                                n = be.generate(SYSTEM, p.text, seed=s).response_tokens
+                            else:
+                                worker.serve(writer, "chat", SYSTEM, p)
+                                n = timed.last.response_tokens
+                            took[path] = (time.perf_counter() - t, max(n, 1))
+                        bare_s += took["bare"][0]
+                        bare_tokens += took["bare"][1]
+                        worker_s += took["worker"][0]
+                        # seconds per token in the worker over bare, for this prompt and seed
+                        ratios.append(took["worker"][0] / took["worker"][1] / (took["bare"][0] / took["bare"][1]) - 1)
+                    writer.close()
+                    rounds.append(store.read_results())
+        rows = pd.concat(rounds, ignore_index=True)
         worker_tokens = int(rows["response_tokens"].sum())
         stored_j = float(rows["energy_j"].sum())
         start = rows["started_at"].map(pd.Timestamp.timestamp)
-        nvml_j = sum(nvml.energy_j(0, a, a + b) for a, b in zip(start, rows["latency_s"]))
+        nvml_latency_j = sum(nvml.energy_j(0, a, a + b) for a, b in zip(start, rows["latency_s"]))
+        nvml_window_j = sum(nvml.energy_j(0, a, b) for a, b in meter.windows)
         record(f"{backend_name} backend (bare)", bare_tokens, bare_s, None, wb)
         record(f"{backend_name} backend (in worker)", worker_tokens, worker_s, stored_j, wb,
-               harness_overhead=round(worker_s / bare_s * bare_tokens / worker_tokens - 1, 4),
-               stored_j=round(stored_j, 1), nvml_j=round(nvml_j, 1), stored_vs_nvml=round(stored_j / nvml_j - 1, 4),
+               harness_overhead=round(statistics.median(ratios), 4),
+               overhead_spread=[round(min(ratios), 4), round(max(ratios), 4)],
+               harness_overhead_direct=round(worker_s / timed.generate_s - 1, 4),
+               harness_ms_per_request=round((worker_s - timed.generate_s) / len(rows) * 1e3, 2),
+               stored_j=round(stored_j, 1), nvml_j=round(nvml_window_j, 1),
+               stored_vs_nvml=round(stored_j / nvml_window_j - 1, 4),
+               stored_vs_nvml_latency_windows=round(stored_j / nvml_latency_j - 1, 4),
+               nvml_counter_period_ms=nvml.counter_period_ms(0), rows=len(rows),
                steps_past_stop=int(rows["steps_past_stop"].sum()), idle_power_w=round(worker.idle_power_w or 0, 1),
                cache=rows["cache_implementation"].iloc[0], compiled=bool(rows["compiled"].iloc[0]),
                load_s=round(load_s, 1))
-        del be, worker
+        be = worker = timed = None
         torch.cuda.empty_cache()
     return results
 
@@ -196,6 +277,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS),
+                   help="HF generate bare (dynamic, static cache), and the two backends bare and in a worker")
+    p.add_argument("--rounds", type=int, default=2, help="bare/worker alternations over the prompts")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -208,12 +292,12 @@ def main() -> None:
     for preset in args.presets:
         results += bench_preset(preset, args, bw, energy)
     print(f"\n{'model':<16}{'way':<36}{'tok/s':>8}{'ms/tok':>8}{'J/tok':>8}{'bw share':>9}{'overhead':>9}"
-          f"{'vs NVML':>9}")
+          f"{'direct':>8}{'vs NVML':>9}")
     for r in results:
-        oh, nv = r.get("harness_overhead"), r.get("stored_vs_nvml")
+        oh, direct, nv = r.get("harness_overhead"), r.get("harness_overhead_direct"), r.get("stored_vs_nvml")
         print(f"{r['model']:<16}{r['way']:<36}{r['tok_s']:>8.1f}{r['ms_per_token']:>8.2f}"
-              f"{(r['j_per_token'] or float('nan')):>8.3f}{r['bw_share']:>9.1%}{'' if oh is None else f'{oh:>9.2%}'}"
-              f"{'' if nv is None else f'{nv:>+9.2%}'}")
+              f"{(r['j_per_token'] or float('nan')):>8.3f}{r['bw_share']:>9.1%}{'' if oh is None else f'{oh:>+9.2%}'}"
+              f"{'' if direct is None else f'{direct:>+8.2%}'}{'' if nv is None else f'{nv:>+9.2%}'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "copy_bw_bytes_s": bw,
                                                "results": results}, indent=2))

@@ -38,6 +38,12 @@ class NvmlEnergyLog:
         self._stop.set()
         self._thread.join()
 
+    def counter_period_ms(self, gpu):
+        """Median time between changes of the counter (ms): how often NVML updates it."""
+        t, e = np.array(self.samples[gpu]).T
+        changed = t[1:][np.diff(e) != 0]
+        return round(float(np.median(np.diff(changed))) * 1e3, 1) if len(changed) > 2 else None
+
     def energy_j(self, gpu, start, end):
         t, e = np.array(self.samples[gpu]).T
         return float(np.interp(end, t, e) - np.interp(start, t, e))
