@@ -39,6 +39,7 @@ def test_both_backends_side_by_side_on_one_gpu_against_nvml(tmp_path):
         proc = run_sweep_cli("--config", models, "--tasks", tasks, "--out", tmp_path / "runs", "--run-id", "g1",
                              "--max-prompts", "16", "--no-dashboard", "--no-progress")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print("sweep stderr, last lines:", proc.stderr[-4000:], sep="\n")
     df = _windows(pd.read_parquet(tmp_path / "runs" / "g1" / "results"))
     assert df["energy_j"].notna().all() and len(df) == 32
     fast = df[df["model"] == "compiled"]
