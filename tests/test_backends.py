@@ -225,26 +225,3 @@ def test_the_decode_step_traces_as_one_graph():
         for _ in range(3):
             step()
     assert int(be._pos) == be.encode(SYSTEM, PROMPTS[0])[0].shape[1] + 3
-
-
-def test_grouped_attention_for_one_query_token_equals_hfs_sdpa():
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from sweep.backends.compiled import grouped_sdpa
-
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = 4, True
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 8, 1, 16, generator=g)
-    k, v = torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 40, 16, generator=g)
-    mask = (torch.arange(40) < 23).view(1, 1, 1, 40)  # a static cache filled to 23 positions
-    ours, _ = grouped_sdpa(module, q, k, v, mask, scaling=0.25)
-    # the reference: every key/value head repeated for its 4 query heads, as HF's repeat_kv does
-    repeated = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), attn_mask=mask, scale=0.25)
-    assert ours.shape == (1, 1, 8, 16)
-    torch.testing.assert_close(ours, repeated.transpose(1, 2))
-    # prefill (several query tokens) is HF's own path
-    q = torch.randn(1, 8, 5, 16, generator=g)
-    mask = torch.ones(1, 1, 5, 40, dtype=torch.bool).tril(diagonal=35)
-    torch.testing.assert_close(grouped_sdpa(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0])

@@ -18,23 +18,14 @@ Sampling follows HF's processors: repetition penalty on the raw logits, then
 temperature, then top-p; a token is drawn with the exponential race (argmax of p / E,
 E ~ Exp(1)), which samples exactly from p without a host sync. The request's seed seeds
 the device generator, so a seed reproduces a response exactly.
-
-Grouped-query attention (several query heads per key/value head, e.g. TinyLlama's 32/4):
-HF's SDPA path, once compiled with a mask, copies each key/value head of the whole static
-cache once per query head that shares it, every layer and every step. The loop instead
-registers an attention function with transformers (`AttentionInterface`, the model's own
-modules unchanged) that, for one query token, makes the query heads of a group the rows of
-one attention over their shared head: the same arithmetic, without the copies.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-import warnings
 
 import torch
-import torch.nn.functional as F
 
 from sweep.backends.base import BackendError, Effective, Generation, HFModel
 
@@ -75,50 +66,6 @@ def sample(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, 
     return (probs / race).argmax(dim=-1)
 
 
-GROUPED_ATTENTION = "sweep_grouped_sdpa"
-
-
-def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """HF's SDPA attention, except for one query token under grouped-query attention: the
-    `groups` query heads that share a key/value head attend as `groups` rows of one head,
-    so the cache is read once per key/value head instead of copied once per query head."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_len, dim = query.shape
-    if (groups == 1 or q_len != 1 or dropout or kwargs.get("softcap") is not None
-            or kwargs.get("position_bias") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    kv_heads = heads // groups
-    q = query.reshape(batch, kv_heads, groups, dim)  # HF's repeat_kv maps query head h to kv head h // groups
-    mask = attention_mask
-    if mask is not None and mask.shape[1] != 1:  # one mask per query head: group it as the queries
-        mask = mask.reshape(mask.shape[0], kv_heads, groups, mask.shape[-1])
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-
-
-def use_grouped_attention(model) -> bool:
-    """Serve `model`'s attention through `grouped_sdpa` where it is HF's SDPA with grouped
-    key/value heads; True if it now does."""
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads, kv_heads = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
-    if model.config._attn_implementation != "sdpa" or not heads or not kv_heads or kv_heads == heads:
-        return False
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-        AttentionInterface.register(GROUPED_ATTENTION, grouped_sdpa)
-        AttentionMaskInterface.register(GROUPED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # SDPA's masks
-        model.set_attn_implementation(GROUPED_ATTENTION)
-    except (ImportError, AttributeError, KeyError, ValueError) as exc:  # a transformers without these hooks
-        warnings.warn(f"compiled backend: HF's SDPA attention kept (copies of the KV cache per query head): {exc}")
-        return False
-    return model.config._attn_implementation == GROUPED_ATTENTION
-
-
 class CompiledBackend(HFModel):
     name = "compiled"
     # How the decode step is compiled. Measured on an H100 (bench/decode.py): coordinate-
@@ -126,7 +73,6 @@ class CompiledBackend(HFModel):
     # a 7B one from 147 to 167, for about a minute more at load.
     compile_kwargs: dict = {}
     inductor_config: dict = {"coordinate_descent_tuning": True}
-    grouped_attention: bool = True  # see grouped_sdpa
 
     def __init__(self, spec, settings, device: str) -> None:
         super().__init__(spec, settings, device)
@@ -137,8 +83,6 @@ class CompiledBackend(HFModel):
                 f"backend compiled: {type(self.model).__name__} does not support a static KV cache with a "
                 f"compiled decode step (transformers marks it _can_compile_fullgraph = False); use backend: transformers"
             )
-        self.attention = (GROUPED_ATTENTION if self.grouped_attention and use_grouped_attention(self.model)
-                          else self.model.config._attn_implementation)
         s = settings
         dev = self._input_device
         self.on_cuda = dev.type == "cuda"
