@@ -23,17 +23,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import SYSTEM, copy_bandwidth_bytes_s, decode_weight_bytes  # noqa: E402
-from sweep.backends.compiled import GROUPED_ATTENTION, CompiledBackend, use_grouped_attention  # noqa: E402
+from sweep.backends.compiled import CompiledBackend  # noqa: E402
 from sweep.config import GenerationSettings, ModelSpec  # noqa: E402
 from sweep.prompts import builtin_prompts  # noqa: E402
 
 CD = {"coordinate_descent_tuning": True}
 MA = {"max_autotune": True}
-# name -> (inductor settings, grouped-query attention without copies)
+# name -> Inductor settings for the step
 VARIANTS = {
-    "cd": (CD, False),
-    "cd+grouped": (CD, True),
-    "max-autotune+cd+grouped": ({**MA, **CD}, True),
+    "default": {},
+    "cd": CD,
+    "max-autotune+cd": {**MA, **CD},
 }
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     first, *rest = args.variants
 
     class First(CompiledBackend):
-        inductor_config, grouped_attention = VARIANTS[first]
+        inductor_config = VARIANTS[first]
 
     t = time.perf_counter()
     be = First(spec, settings, "cuda")
@@ -106,21 +106,15 @@ def main() -> None:
     prompts = [x.text for x in builtin_prompts()[: args.prompts]]
     rows = []
     for name in args.variants:
-        inductor, grouped = VARIANTS[name]
         compile_s = None
         if name != first:
-            if grouped:
-                use_grouped_attention(be.model)
-            else:
-                be.model.set_attn_implementation("sdpa")
-            be.inductor_config = inductor
+            be.inductor_config = VARIANTS[name]
             be._graph = None
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             t = time.perf_counter()
             be._capture()
             compile_s = time.perf_counter() - t
-        attention = be.model.config._attn_implementation
         step_ms = replay_ms(be)
         for text in prompts:  # first use of each prompt length (eager prefill)
             be.generate(SYSTEM, text, seed=0)
@@ -129,10 +123,10 @@ def main() -> None:
         for i, text in enumerate(prompts):
             tokens += be.generate(SYSTEM, text, seed=i).response_tokens
         req_tok_s = tokens / (time.perf_counter() - t)
-        row = (name, attention == GROUPED_ATTENTION, compile_s, step_ms, 1e3 / step_ms, wb * 1e3 / step_ms / bw,
+        row = (name, compile_s, step_ms, 1e3 / step_ms, wb * 1e3 / step_ms / bw,
                req_tok_s, wb * req_tok_s / bw)
         rows.append(row)
-        print(f"# {name}: attention {attention}, compile {compile_s and round(compile_s)} s, step {step_ms:.3f} ms, "
+        print(f"# {name}: compile {compile_s and round(compile_s)} s, step {step_ms:.3f} ms, "
               f"requests {req_tok_s:.1f} tok/s", flush=True)
     if not args.no_profile:
         try:
@@ -140,11 +134,11 @@ def main() -> None:
         except Exception as exc:  # a diagnostic: the timings above stand without it
             print(f"# profiler failed: {exc!r}")
     print(f"\n{args.preset}: {wb / 1e9:.2f} GB of weights read per step; copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'variant':<26}{'grouped':>8}{'compile s':>10}{'step ms':>9}{'step tok/s':>11}{'bw share':>9}"
+    print(f"{'variant':<26}{'compile s':>10}{'step ms':>9}{'step tok/s':>11}{'bw share':>9}"
           f"{'req tok/s':>10}{'bw share':>9}")
-    for name, grouped, compile_s, step_ms, step_tok_s, step_bw, req, req_bw in rows:
+    for name, compile_s, step_ms, step_tok_s, step_bw, req, req_bw in rows:
         cs = "at load" if compile_s is None else f"{compile_s:.0f}"
-        print(f"{name:<26}{str(grouped):>8}{cs:>10}{step_ms:>9.3f}{step_tok_s:>11.1f}{step_bw:>9.1%}{req:>10.1f}"
+        print(f"{name:<26}{cs:>10}{step_ms:>9.3f}{step_tok_s:>11.1f}{step_bw:>9.1%}{req:>10.1f}"
               f"{req_bw:>9.1%}")
 
 
