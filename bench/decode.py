@@ -214,8 +214,13 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
         # first use of a sequence length costs eager kernels a one-off setup that would tilt
         # the comparison: a pass over the same prompts pays it up front.
         if not warmed:
-            for p in warm + prompts:
+            for p in warm:
                 be.generate(SYSTEM, p.text, seed=0)
+            # In a sweep nearly every prompt is a length not seen before: this pass shows what that costs.
+            t, first_tokens = time.perf_counter(), 0
+            for p, s in zip(prompts, seeds):
+                first_tokens += be.generate(SYSTEM, p.text, seed=s).response_tokens
+            record(f"{backend_name} backend (bare, new lengths)", first_tokens, time.perf_counter() - t, None, wb)
         with NvmlEnergyLog() as nvml:
             worker = Worker("bench", spec.model_dump(mode="json"), tasks.model_dump(mode="json"), 1, _NoHub())
             timed, meter = _TimedBackend(be), _StampedMeter(EnergyMeter(1))
