@@ -101,7 +101,7 @@ class Worker:
         import torch
 
         from sweep.backends import load_backend
-        from sweep.meter import EnergyMeter
+        from sweep.meters.zeus import EnergyMeter
 
         if not self.num_gpus:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
