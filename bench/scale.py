@@ -68,6 +68,10 @@ def make_rows(model_i: int, task: str, prompt_ids: range, rng: random.Random, re
             backend="transformers", dtype="float16", template="fastchat:vicuna_v1.1", temperature=0.7, top_p=1.0,
             repetition_penalty=1.0, max_new_tokens=1024, cache_implementation="dynamic", compiled=False,
             steps_past_stop=0,
+            quality_flags=["coarse_window"] if latency_s < 1.0 else [], window_s=latency_s,
+            mean_power_w=None if energy_j is None else energy_j / latency_s, power_limit_w=700.0,
+            prefill_energy_j=None if energy_j is None else 0.03 * energy_j,
+            decode_energy_j=None if energy_j is None else 0.97 * energy_j, energy_split_method="synthetic",
         ).to_dict())
     return rows
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m sweep [run] ...`, `report`, `import-mlenergy`.
+"""Command line: `python -m sweep [run] ...`, `report`, `validate`, `import-mlenergy`.
 
 Exit status: 0 all jobs done, 1 some job failed or the disk is full, 2 bad input
 (nothing loaded or written), 130 interrupted by Ctrl-C or SIGTERM (rerun with the same
@@ -264,6 +264,30 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_validate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m sweep validate",
+                                description="Check a run: complete, each row stored once, energy trustworthy. "
+                                            "Exit 0 when no error-level check fails, 1 otherwise.")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    args = p.parse_args(argv)
+    import json
+
+    from sweep.store import RunStore
+    from sweep.validate import ERROR, as_records, print_table, validate
+
+    store = RunStore(args.run_dir)
+    if not store.results_dir.is_dir():
+        print(f"error: {args.run_dir}: no results/ folder: not a run directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    expectations = validate(store)
+    if args.json:
+        print(json.dumps(as_records(expectations), indent=1))
+    else:
+        print_table(expectations)
+    return 1 if any(not e.passed and e.severity == ERROR for e in expectations) else 0
+
+
 def cmd_import_mlenergy(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m sweep import-mlenergy",
                                 description="Import the 2023 ML.ENERGY leaderboard's published results as a run.")
@@ -283,7 +307,7 @@ def cmd_import_mlenergy(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "import-mlenergy": cmd_import_mlenergy}
+COMMANDS = {"run": cmd_run, "report": cmd_report, "validate": cmd_validate, "import-mlenergy": cmd_import_mlenergy}
 
 
 def main(argv: list[str] | None = None) -> int:

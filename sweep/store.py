@@ -4,6 +4,7 @@
     runs/<run_id>/prompts.parquet      prompt_id -> prompt text, for every prompt of the run
     runs/<run_id>/results/*.parquet    one row per request (the dataset)
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
+    runs/<run_id>/power/*.parquet      power timeline of each worker's GPUs (sweep/meters/timeline.py)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
     runs/<run_id>/locks/<job>.lock     held by the one process writing a job (the session's writer)
     runs/<run_id>/locks/driver.lock    held by the one driver writing the run
@@ -125,6 +126,7 @@ class RunStore:
         self.results_dir = self.run_dir / "results"
         self.wal_dir = self.run_dir / "wal"
         self.failures_dir = self.run_dir / "failures"
+        self.power_dir = self.run_dir / "power"
         self.locks_dir = self.run_dir / "locks"
         self.quarantine_dir = self.run_dir / QUARANTINE
         self.manifest_path = self.run_dir / "manifest.json"
@@ -274,6 +276,28 @@ class RunStore:
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         table = _rows_to_table(rows)
         return atomic_write(self.results_dir / name, lambda tmp: pq.write_table(table, tmp))
+
+    def write_power_part(self, samples: pa.Table, slug: str) -> Path:
+        """Power samples (POWER_SCHEMA), as a part file of runs/<id>/power/."""
+        self.power_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        return atomic_write(self.power_dir / name, lambda tmp: pq.write_table(samples, tmp))
+
+    def read_power(self, filter=None) -> pa.Table:
+        """The power timeline (POWER_SCHEMA); a damaged part file is set aside."""
+        from sweep.meters.timeline import POWER_SCHEMA
+
+        paths = sorted(p for p in self.power_dir.glob("*.parquet") if not p.name.startswith((".", "_"))) \
+            if self.power_dir.is_dir() else []
+        tables = []
+        for path in paths:
+            try:
+                tables.append(pq.read_table(path, schema=POWER_SCHEMA, filters=filter))
+            except (pa.ArrowException, OSError) as exc:
+                if isinstance(exc, FileNotFoundError):
+                    continue
+                self.set_aside(path, "damaged power timeline file")
+        return pa.concat_tables(tables) if tables else POWER_SCHEMA.empty_table()
 
     def read_results(self):
         """All stored rows as a pandas DataFrame (empty, with the schema, if none)."""
@@ -425,6 +449,10 @@ class JobWriter:
         self._pending.append(row)
         if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
+
+    def append_power(self, samples: pa.Table) -> None:
+        """Power samples are written at once: a worker sends them every ~30 s."""
+        self.store.write_power_part(samples, self.slug)
 
     def flush(self) -> None:
         if self._pending:

@@ -83,6 +83,10 @@ class RunWriter:
         """Store one row; returns once it is in the write-ahead log, fsync'ed."""
         self._job(model, task, token).writer.append(row)
 
+    def append_power(self, model: str, task: str, token: int, samples) -> None:
+        """Store power samples (a pyarrow Table) of the job's worker."""
+        self._job(model, task, token).writer.append_power(samples)
+
     def close_job(self, model: str, task: str, token: int) -> None:
         """The job's rows into Parquet, its log removed, its lock released."""
         self._job(model, task, token)
