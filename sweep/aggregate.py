@@ -66,11 +66,11 @@ SCAN_COLUMNS = sorted(set(PARTIAL_KEYS) | set(WORKER_KEYS) | {c for c, _ in MEAN
                       | {"quality_flags"})
 # Additive columns of a partial; the sums of a group's rows, whichever files they came from.
 SUMS = (["responses", "energy_sq_sum", "measured_tokens_sum", "decode_tokens_sum"]
-        + [f"{f}_{s}" for f in MEANS for s in ("sum", "n")] + [f"{c}_n" for c in COUNTS])
+        + [f"{f}_{s}" for f in MEANS for s in ("sum", "n")] + [f"{c}_n" for c in COUNTS] + ["energy_missing_n"])
 FIGURES = ["model_path", "parameters", "responses", "measured", "energy", "energy_ci_low", "energy_ci_high",
            "energy_per_token", "energy_above_idle", "throughput", "response_length", "latency", "ttft",
            "prefill_energy", "decode_energy", "decode_energy_per_token", "mean_power", "idle_power", "power_limit",
-           "flagged_share", "coarse_share", "energy_note"]
+           "flagged_share", "coarse_share", "energy_missing", "energy_note"]
 
 READ_THREADS = 4  # the reader releases the GIL; more threads than cores hides file-open waits
 CHUNK_FILES = 512
@@ -131,6 +131,8 @@ def _row_table(scan: pa.Table) -> pa.Table:
         cols[name] = pc.cast(hit, pa.int64())
     for key in WORKER_KEYS:
         cols[key] = scan[key]
+    # Rows with no energy that do not say why (validate's `energy_present`).
+    cols["energy_missing"] = pc.cast(pc.and_(pc.invert(measured), pc.is_null(scan["energy_note"])), pa.int64())
     for name, column in FIRSTS.items():
         cols[name] = scan[column]
     if PART_FILE in scan.column_names:
@@ -144,20 +146,21 @@ def _group(rows: pa.Table, keys: list[str]) -> pa.Table:
              ("decode_tokens", "sum", _SUM0)]
     for figure in MEANS:
         specs += [(figure, "sum", _SUM0), (figure, "count")]
-    specs += [(name, "sum", _SUM0) for name in COUNTS]
+    specs += [(name, "sum", _SUM0) for name in [*COUNTS, "energy_missing"]]
     specs += [(name, "first") for name in FIRSTS]
     # One thread keeps rows in order, so "first" is the first row of the group, as in the files.
     out = rows.group_by(keys, use_threads=False).aggregate(specs)
     names = ({"count_all": "responses"} | {f"{f}_count": f"{f}_n" for f in MEANS} | {f"{n}_first": n for n in FIRSTS}
-             | {f"{c}_sum": f"{c}_n" for c in COUNTS})
+             | {f"{c}_sum": f"{c}_n" for c in COUNTS} | {"energy_missing_sum": "energy_missing_n"})
     return out.rename_columns([names.get(c, c) for c in out.column_names]).select(keys + SUMS + list(FIRSTS))
 
 
-def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False) -> pa.Table:
+def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, ids: list | None = None) -> pa.Table:
     """Per (run, gpu_name, model, backend, task) partial sums of the rows of some part
     files; with `by_file`, per part file too (column `part_file`, the file's name), so that
     a live view can keep them per file, and add or drop files; with `by_worker`, per
-    (host, gpu_index) too.
+    (host, gpu_index) too. With `ids` (a list), the (model, task, prompt_id) of every row are
+    appended to it, one table per chunk: `validate` counts them, in the same pass.
 
     Files are read a chunk at a time (memory stays that of one chunk, whatever the run's
     size), each with pyarrow's Parquet reader, in a few threads: on 7,520 files of 64 rows
@@ -167,7 +170,12 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False) 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         for start in range(0, max(len(paths), 1), CHUNK_FILES):
             chunk = paths[start:start + CHUNK_FILES]
-            tables = list(pool.map(read_part, chunk)) or [RESULT_SCHEMA.empty_table().select(SCAN_COLUMNS)]
+            columns = SCAN_COLUMNS + ([] if ids is None else ["prompt_id"])
+            tables = (list(pool.map(lambda p: read_part(p, columns), chunk))
+                      or [RESULT_SCHEMA.empty_table().select(columns)])
+            if ids is not None:
+                ids.append(pa.concat_tables(t.select(["model", "task", "prompt_id"]) for t in tables))
+                tables = [t.drop_columns(["prompt_id"]) for t in tables]
             # The file's position in `paths`: a number to group by, its name once per group.
             tagged = [t.append_column(PART_FILE, pa.repeat(pa.scalar(start + i, pa.int32()), t.num_rows))
                       for i, t in enumerate(tables)]
@@ -236,6 +244,7 @@ def _figures(out: pd.DataFrame, s: dict[str, np.ndarray], keys: list[str] = KEYS
     # Shares of the rows with an energy reading (a CPU row has neither energy nor flags).
     out["flagged_share"] = np.divide(s["flagged_n"], n, out=np.full(len(n), np.nan), where=n > 0)
     out["coarse_share"] = np.divide(s["coarse_n"], n, out=np.full(len(n), np.nan), where=n > 0)
+    out["energy_missing"] = s["energy_missing_n"].astype("int64")
     # Why a group has no energy figure: only when no response of it was measured.
     out["energy_note"] = out["energy_note"].where(out["measured"] == 0, None)
     return out[keys + FIGURES]
@@ -247,11 +256,13 @@ def aggregate_files(paths: list[Path]) -> pd.DataFrame:
 
 
 @functools.lru_cache(maxsize=1)
-def worker_partials(paths: tuple[Path, ...]) -> pa.Table:
-    """`partials(paths, by_worker=True)`, kept for the last set of files: a report, then its
-    validation and CSVs, read the run once (a part file never changes once written; a
-    new or removed one is a new key)."""
-    return partials(list(paths), by_worker=True)
+def worker_partials(paths: tuple[Path, ...]) -> tuple[pa.Table, pa.Table]:
+    """(`partials(paths, by_worker=True)`, every row's (model, task, prompt_id)), kept for
+    the last set of files: a report, then its validation and CSVs, read the run once (a
+    part file never changes once written; a new or removed one is a new key)."""
+    ids: list[pa.Table] = []
+    parts = partials(list(paths), by_worker=True, ids=ids)
+    return parts, pa.concat_tables(ids)
 
 
 def job_figures(parts: pa.Table) -> pd.DataFrame:

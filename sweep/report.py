@@ -35,7 +35,7 @@ def run_aggregates(store: RunStore) -> pd.DataFrame:
     imported = store.run_dir / AGGREGATES_FILE
     if imported.is_file():
         return read_imported(imported)
-    return store.scan_parts(lambda paths: job_figures(worker_partials(tuple(paths))))
+    return store.scan_parts(lambda paths: job_figures(worker_partials(tuple(paths))[0]))
 
 
 def run_status(store: RunStore) -> tuple[pd.DataFrame, list]:

@@ -43,6 +43,7 @@ def pandas_aggregate(df: pd.DataFrame) -> pd.DataFrame:
             power_limit=g["power_limit_w"].mean(),
             flagged_share=flags.map(lambda f: bool(f & set(ENERGY_FLAGS))).mean() if len(m) else np.nan,
             coarse_share=flags.map(lambda f: "coarse_window" in f).mean() if len(m) else np.nan,
+            energy_missing=int((g["energy_j"].isna() & g["energy_note"].isna()).sum()),
             energy_note=None if len(m) else next(iter(g["energy_note"].dropna()), None)))
     return pd.DataFrame(out)
 
