@@ -37,7 +37,7 @@ class ResultRow:
     ttft_s: float | None = _col(pa.float64())
     throughput_tok_s: float | None = _col(pa.float64())
     energy_j: float | None = _col(pa.float64(), "null when not measured, see energy_note")
-    energy_per_token_j: float | None = _col(pa.float64())
+    energy_per_token_j: float | None = _col(pa.float64(), "this row's energy_j / response_tokens (aggregate energy_per_token is a ratio of sums)")
     idle_power_w: float | None = _col(pa.float64(), "the worker's GPUs at rest, measured before the job")
     energy_above_idle_j: float | None = _col(pa.float64())
     energy_note: str | None = _col(pa.string())
