@@ -24,24 +24,27 @@ from sweep.aggregate import PART_FILE, finish, partials, results_dataset
 from sweep.report import AGGREGATES_FILE, read_imported
 from sweep.store import RunStore
 
-# Columns of the leaderboard, in order, with their units for the header.
+# Columns of the leaderboard, in order, with their (short) headers; units in the header.
 DISPLAY = {
     "run_id": "run",
     "gpu": "gpu",
     "model": "model",
     "backend": "backend",
     "task": "task",
-    "parameters": "parameters (B)",
+    "parameters": "params",
     "energy": "energy (J)",
-    "energy_ci": "energy 95% CI (J)",
-    "energy_per_token": "energy/token (J)",
-    "throughput": "throughput (tok/s)",
-    "response_length": "response_length (tok)",
+    "energy_ci": "95% CI (J)",
+    "energy_per_token": "J/token",
+    "energy_above_idle": "above idle (J)",
+    "response_length": "length (tok)",
     "latency": "latency (s)",
+    "ttft": "TTFT (s)",
+    "throughput": "tok/s",
     "responses": "responses",
     "arc": "arc",
     "hellaswag": "hellaswag",
     "truthfulqa": "truthfulqa",
+    "energy_note": "energy note",
 }
 NUMERIC = ["parameters", "energy", "energy_per_token", "throughput", "response_length", "latency", "responses",
            "arc", "hellaswag", "truthfulqa", "energy_ci_low", "energy_ci_high", "ttft", "energy_above_idle"]
@@ -122,12 +125,17 @@ class RunsFolder:
         frames = [self._load(d).aggregates for d in self.run_dirs()]
         frames = [f for f in frames if not f.empty]
         if not frames:  # every column a view reads, so that an empty folder shows empty views
-            return pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url"])))
+            return pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url", "measured"])))
         agg = pd.concat(frames, ignore_index=True)
-        for col in NUMERIC + ["url"]:
+        for col in NUMERIC + ["url", "energy_note"]:
             if col not in agg:
                 agg[col] = np.nan
         return agg
+
+    def version(self) -> tuple:
+        """What the last aggregates() read: changes when any run's files change (a page
+        compares it to decide whether anything needs to be sent again)."""
+        return tuple(sorted((run, hit.fingerprint) for run, hit in self._cache.items()))
 
     def _per_request(self, run_id: str) -> _Cached | None:
         run_dir = self.root / run_id
@@ -183,13 +191,15 @@ def pareto_front(x: pd.Series, y: pd.Series) -> pd.Series:
 
 
 def verbosity(agg: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, gpu, model): response length and energy under each task and its concise
-    twin, and what the concise prompt saved (percent)."""
+    """Per (run, gpu, model, backend) and task pair: response length and energy under the
+    task and its concise twin, and what the concise prompt saved (percent, rounded to
+    0.1). Each row compares one model with itself on one GPU: nothing is summed."""
+    keys = ["run_id", "gpu", "model", "backend"]
     out = []
     for base in ("chat", "instruct"):
         concise = f"{base}-concise"
-        a = agg[agg["task"] == base].set_index(["run_id", "gpu", "model"])
-        b = agg[agg["task"] == concise].set_index(["run_id", "gpu", "model"])
+        a = agg[agg["task"] == base].set_index(keys)
+        b = agg[agg["task"] == concise].set_index(keys)
         both = a.index.intersection(b.index)
         if both.empty:
             continue
@@ -197,13 +207,14 @@ def verbosity(agg: pd.DataFrame) -> pd.DataFrame:
         out.append(pd.DataFrame({
             "pair": f"{base} vs {concise}",
             "parameters": a["parameters"],
-            "length": a["response_length"],
-            "length concise": b["response_length"],
-            "energy (J)": a["energy"],
-            "energy concise (J)": b["energy"],
-            "length saved %": 100 * (1 - b["response_length"] / a["response_length"]),
-            "energy saved %": 100 * (1 - b["energy"] / a["energy"]),
+            "length": a["response_length"].round(1),
+            "length concise": b["response_length"].round(1),
+            "length saved %": (100 * (1 - b["response_length"] / a["response_length"])).round(1),
+            "energy (J)": a["energy"].astype(float).round(1),
+            "energy concise (J)": b["energy"].astype(float).round(1),
+            "energy saved %": (100 * (1 - b["energy"].astype(float) / a["energy"].astype(float))).round(1),
         }).reset_index())
     if not out:
         return pd.DataFrame()
-    return pd.concat(out, ignore_index=True).sort_values(["pair", "energy saved %"], ascending=[True, False])
+    return pd.concat(out, ignore_index=True).sort_values(["gpu", "pair", "energy saved %", "length saved %"],
+                                                         ascending=[True, True, False, False])
