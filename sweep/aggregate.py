@@ -159,8 +159,9 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, 
     """Per (run, gpu_name, model, backend, task) partial sums of the rows of some part
     files; with `by_file`, per part file too (column `part_file`, the file's name), so that
     a live view can keep them per file, and add or drop files; with `by_worker`, per
-    (host, gpu_index) too. With `ids` (a list), the (model, task, prompt_id) of every row are
-    appended to it, one table per chunk: `validate` counts them, in the same pass.
+    (host, gpu_index) too. With `ids` (a list), the (model, task, prompt_id) of every row
+    (and its `part_file` with `by_file`) are appended to it, a table per chunk: `validate`
+    counts them, in the same pass.
 
     Files are read a chunk at a time (memory stays that of one chunk, whatever the run's
     size), each with pyarrow's Parquet reader, in a few threads: on 7,520 files of 64 rows
@@ -174,17 +175,23 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, 
             tables = (list(pool.map(lambda p: read_part(p, columns), chunk))
                       or [RESULT_SCHEMA.empty_table().select(columns)])
             if ids is not None:
-                ids.append(pa.concat_tables(t.select(["model", "task", "prompt_id"]) for t in tables))
+                ids.append(pa.concat_tables(
+                    t.select(["model", "task", "prompt_id"]).append_column(PART_FILE, pa.repeat(start + i, t.num_rows))
+                    for i, t in enumerate(tables)))
                 tables = [t.drop_columns(["prompt_id"]) for t in tables]
             # The file's position in `paths`: a number to group by, its name once per group.
             tagged = [t.append_column(PART_FILE, pa.repeat(pa.scalar(start + i, pa.int32()), t.num_rows))
                       for i, t in enumerate(tables)]
             out.append(_group(_row_table(pa.concat_tables(tagged)), keys))
     table = pa.concat_tables(out)
-    if not by_file:
-        return table
     names = pa.array([Path(p).name for p in paths], pa.string())
-    return table.set_column(table.schema.get_field_index(PART_FILE), PART_FILE, names.take(table[PART_FILE]))
+
+    def named(t: pa.Table) -> pa.Table:  # file positions -> file names
+        return t.set_column(t.schema.get_field_index(PART_FILE), PART_FILE, names.take(t[PART_FILE]))
+
+    if ids is not None:
+        ids[:] = [named(t) if by_file else t.drop_columns([PART_FILE]) for t in ids]
+    return named(table) if by_file else table
 
 
 def partials_of_table(rows: pa.Table) -> pa.Table:

@@ -283,12 +283,16 @@ class RunStore:
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         return atomic_write(self.power_dir / name, lambda tmp: pq.write_table(samples, tmp))
 
-    def read_power(self, filter=None) -> pa.Table:
-        """The power timeline (POWER_SCHEMA); a damaged part file is set aside."""
+    def read_power(self, filter=None, files: list[Path] | None = None) -> pa.Table:
+        """The power timeline (POWER_SCHEMA), of `files` or of the whole run; a damaged
+        file is set aside."""
         from sweep.meters.timeline import POWER_SCHEMA
 
-        paths = sorted(p for p in self.power_dir.glob("*.parquet") if not p.name.startswith((".", "_"))) \
-            if self.power_dir.is_dir() else []
+        if files is not None:
+            paths = files
+        else:
+            paths = sorted(p for p in self.power_dir.glob("*.parquet") if not p.name.startswith((".", "_"))) \
+                if self.power_dir.is_dir() else []
         tables = []
         for path in paths:
             try:

@@ -225,23 +225,40 @@ def _stored(ids: pa.Table, planned_prompts: set[str]) -> pd.DataFrame:
                          "unplanned": (df["count_all"] - df["planned_sum"]).astype(int)}).sort_values(["model", "task"])
 
 
-def _temperatures(store: RunStore) -> dict[str, float]:
-    table = store.read_power()
-    if table.num_rows == 0:
-        return {}
-    df = table.select(["host", "gpu_index", "temperature_c"]).to_pandas().dropna(subset=["temperature_c"])
-    return {f"{h} GPU {i}": float(t) for (h, i), t in df.groupby(["host", "gpu_index"])["temperature_c"].max().items()}
+def temperatures(store: RunStore, seen: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """Highest temperature per GPU ("host GPU n") in the run's power timeline. `seen`
+    (power file name -> its maxima) is filled in and reused: a live view reads each file once."""
+    seen = {} if seen is None else seen
+    paths = [p for p in sorted(store.power_dir.glob("*.parquet")) if not p.name.startswith((".", "_"))] \
+        if store.power_dir.is_dir() else []
+    for gone in set(seen) - {p.name for p in paths}:
+        del seen[gone]
+    for path in paths:
+        if path.name in seen:
+            continue
+        df = store.read_power(files=[path]).select(["host", "gpu_index", "temperature_c"]).to_pandas()
+        df = df.dropna(subset=["temperature_c"])
+        seen[path.name] = {f"{h} GPU {i}": float(t)
+                           for (h, i), t in df.groupby(["host", "gpu_index"])["temperature_c"].max().items()}
+    out: dict[str, float] = {}
+    for maxima in seen.values():
+        for gpu, t in maxima.items():
+            out[gpu] = max(t, out.get(gpu, t))
+    return out
+
+
+def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, ids: pa.Table, failures: list[dict],
+          max_temperature_c: dict[str, float]) -> RunFacts:
+    """RunFacts from what a reader already has: partials by worker and row ids (sweep.aggregate)."""
+    return RunFacts(_planned_jobs(manifest), planned_prompts, _stored(ids, planned_prompts), job_figures(parts),
+                    finish(parts, WORKER_KEYS), failures, max_temperature_c)
 
 
 def collect(store: RunStore) -> RunFacts:
     """What the checks need, read from the run directory (the columns they use only)."""
-    manifest = store.read_manifest()
-    prompts = store.read_prompts()
-    planned_prompts = set(prompts["prompt_id"])
-
+    planned_prompts = set(store.read_prompts()["prompt_id"])
     parts, ids = store.scan_parts(lambda paths: worker_partials(tuple(paths)))
-    return RunFacts(_planned_jobs(manifest), planned_prompts, _stored(ids, planned_prompts), job_figures(parts),
-                    finish(parts, WORKER_KEYS), store.failures(), _temperatures(store))
+    return facts(store.read_manifest(), planned_prompts, parts, ids, store.failures(), temperatures(store))
 
 
 def validate(store: RunStore) -> list[Expectation]:
