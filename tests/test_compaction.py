@@ -305,3 +305,28 @@ def test_a_compaction_on_a_full_disk_keeps_the_run_readable(tmp_path, capsys):
         filler.unlink()
         assert store.compact_run() == (1, 5, [])
         assert len(pd.read_parquet(store.results_dir)) == 200 and len(list(store.results_dir.iterdir())) == 1
+
+
+def test_a_damaged_merged_file_is_set_aside_like_any_part_file(tmp_path, capsys):
+    store = _three_jobs(tmp_path)
+    store.compact(job_slug("a", "chat"))
+    (merged,) = [p for p in store.part_files() if p.name.endswith(MERGED_SUFFIX)]
+    merged.write_bytes(merged.read_bytes()[:-40])  # cut short: its footer, with the list, is gone
+    assert Counter(m for m, _, _ in _seen(RunStore(store.run_dir)).elements()) == {"b": 9}
+    assert "damaged part file" in capsys.readouterr().err and len(store.set_aside_files()) == 1
+    assert store.done_prompt_ids() == {("b", "chat"): {f"p{i}" for i in range(9)}}  # a resume measures a again
+
+
+def test_part_files_of_an_older_run_compact_with_the_missing_columns_empty(tmp_path):
+    store = make_run(tmp_path, "old", [])
+    slug = job_slug("m", "chat")
+    for i, rows in enumerate((_rows("m", 3), _rows("m", 2, start=3))):
+        older = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA).drop_columns(["backend", "compiled", "template"])
+        pq.write_table(older, store.results_dir / f"{slug}-20250101T00000{i}-0000000{i}.parquet")
+    before = run_aggregates(store)
+    assert store.compact_run() == (1, 2, [])
+    (merged,) = store.results_dir.iterdir()
+    assert pq.read_schema(merged).names == RESULT_SCHEMA.names
+    df = store.read_results()
+    assert len(df) == 5 and df["template"].isna().all() and df["backend"].isna().all()
+    pd.testing.assert_frame_equal(run_aggregates(store), before)
