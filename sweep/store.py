@@ -246,14 +246,17 @@ class RunStore:
             return empty
 
     # -- the dataset ------------------------------------------------------------------
-    def _listing(self) -> list[Path]:
-        """The files a dataset reader (pandas, pyarrow) would read from results/."""
+    def _names(self) -> set[str]:
+        """Names of the files a dataset reader (pandas, pyarrow) would read from results/."""
         try:
-            entries = list(os.scandir(self.results_dir))
+            with os.scandir(self.results_dir) as entries:  # no stat per file: a run may hold thousands
+                return {e.name for e in entries if not e.name.startswith((".", "_")) and e.is_file()}
         except FileNotFoundError:
-            return []
-        return sorted(Path(e.path) for e in entries
-                      if not e.name.startswith((".", "_")) and e.is_file() and Path(e.path) not in self._damaged)
+            return set()
+
+    def _listing(self, names: set[str] | None = None) -> list[Path]:
+        paths = [self.results_dir / n for n in sorted(self._names() if names is None else names)]
+        return [p for p in paths if p not in self._damaged] if self._damaged else paths
 
     def _replaced(self, listed: list[Path]) -> set[str]:
         """Names of the files that the merged files among `listed` replace."""
@@ -280,15 +283,14 @@ class RunStore:
         """The files that hold the dataset's rows, each row in exactly one: the Parquet
         files of results/ less those a merged file there replaces."""
         for _ in range(SCAN_ATTEMPTS):
-            listed = self._listing()
-            replaced = self._replaced(listed)
+            names = self._names()
+            replaced = self._replaced(self._listing({n for n in names if n.endswith(MERGED_SUFFIX)}))
             # A listing taken while a compaction renamed its merged file into place and
             # removed the files it replaces may hold neither; the merged file is then in a
             # second listing, and the first is taken again.
-            again = {p.name for p in self._listing()}
-            if not any(n.endswith(MERGED_SUFFIX) for n in again - {p.name for p in listed}):
+            if not any(n.endswith(MERGED_SUFFIX) for n in self._names() - names):
                 break
-        return [p for p in listed if p.name not in replaced and p not in self._damaged]
+        return self._listing(names - replaced)
 
     def read_parts(self, columns: list[str] | None = None, filter=None, files: list[Path] | None = None) -> pa.Table:
         """Rows of the dataset (or of `files`) in RESULT_SCHEMA."""
