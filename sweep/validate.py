@@ -229,8 +229,7 @@ def temperatures(store: RunStore, seen: dict[str, dict[str, float]] | None = Non
     """Highest temperature per GPU ("host GPU n") in the run's power timeline. `seen`
     (power file name -> its maxima) is filled in and reused: a live view reads each file once."""
     seen = {} if seen is None else seen
-    paths = [p for p in sorted(store.power_dir.glob("*.parquet")) if not p.name.startswith((".", "_"))] \
-        if store.power_dir.is_dir() else []
+    paths = store.power_files()
     for gone in set(seen) - {p.name for p in paths}:
         del seen[gone]
     for path in paths:

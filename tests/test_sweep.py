@@ -157,6 +157,8 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     assert at_kill <= set(zip(df["model"], df["prompt_id"]))
     new = int(rerun.stdout.split("Stored ")[1].split()[0])
     assert new <= 60 - len(at_kill)
+    # each job ended in one file: its part files from both sessions compacted when it closed
+    assert sorted(p.name.split("__")[0] for p in (run_dir / "results").iterdir()) == ["small-llama2", "tiny-vicuna"]
     for p in ray_processes:  # Ray's daemons outlive a SIGKILLed driver: tidy up
         try:
             p.kill()

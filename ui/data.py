@@ -22,7 +22,7 @@ import pyarrow.dataset as ds
 
 from sweep.aggregate import PART_FILE, finish, partials, results_dataset
 from sweep.report import AGGREGATES_FILE, read_imported
-from sweep.store import RunStore
+from sweep.store import PartsChanged, RunStore
 
 # Columns of the leaderboard, in order, with their (short) headers; units in the header.
 DISPLAY = {
@@ -110,7 +110,10 @@ class RunsFolder:
             old = hit.partials if hit is not None and hit.partials is not None else None
             known = hit.files if old is not None else frozenset()
             new = [run_dir / "results" / n for n in sorted(names - known)]
-            scanned = store.scan_parts(lambda paths: partials(paths, by_file=True), files=new)
+            try:
+                scanned = store.scan_parts(lambda paths: partials(paths, by_file=True), files=new)
+            except PartsChanged:  # a job's files were compacted meanwhile: list the run again
+                return self._load(run_dir)
             kept = [old.filter(pc.is_in(old[PART_FILE], pa.array(sorted(names), pa.string())))] if old else []
             # In file-name order, as a scan of the folder sees the rows.
             table = pa.concat_tables(kept + [scanned]).sort_by(PART_FILE)
@@ -161,8 +164,11 @@ class RunsFolder:
         holding = pc.unique(p.filter(pc.and_(pc.equal(p["model"], model), pc.equal(p["task"], task)))[PART_FILE])
         store = RunStore(self.root / run_id)
         job = (ds.field("model") == model) & (ds.field("task") == task)
-        table = store.scan_parts(lambda paths: results_dataset(paths).to_table(columns=DETAIL_COLUMNS, filter=job),
-                                 files=[store.results_dir / n for n in holding.to_pylist()])
+        try:
+            table = store.scan_parts(lambda paths: results_dataset(paths).to_table(columns=DETAIL_COLUMNS, filter=job),
+                                     files=[store.results_dir / n for n in holding.to_pylist()])
+        except PartsChanged:  # the job's files were compacted meanwhile: read them as they are now
+            return self.rows(run_id, model, task)
         return table.to_pandas()
 
     def prompts(self, run_id: str) -> pd.DataFrame:
