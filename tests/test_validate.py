@@ -235,3 +235,30 @@ def test_failed_jobs_and_temperature(tmp_path):
     assert e.severity == ERROR and e.message == "m / chat failed: RuntimeError: CUDA error: out of memory"
     [e] = _failed(facts, "temperature")
     assert "h GPU 0: highest temperature 91 C" in e.message
+
+
+def test_power_files_of_a_job_are_merged_with_its_rows(tmp_path):
+    from sweep.meters.timeline import PowerTimeline
+    from sweep.store import RunStore, job_slug
+    from sweep.validate import temperatures
+
+    store = RunStore(tmp_path / "r")
+    store.create()
+    power = FakePowerMonitor()
+
+    class Temps:
+        def get_temperature_timeline(self, start_time=None):
+            return {0: [(101.5, 61)], 1: [(101.5, 64)]}
+
+    timeline = PowerTimeline(2, [0, 1], "h", power_monitor=power, temperature_monitor=Temps())
+    slug = job_slug("m", "chat")
+    for k in range(3):
+        power.samples[0].append((100.0 + k, 200.0 + k))
+        store.write_power_part(timeline.take("m", "chat"), slug)
+    assert len(store.power_files()) == 3 and temperatures(store) == {"h GPU 0": 61.0, "h GPU 1": 64.0}
+    store.compact(slug)
+    [merged] = store.power_files()
+    got = store.read_power().to_pandas()
+    assert merged.name.endswith(".merged.parquet")
+    assert sorted(got["power_w"].dropna()) == [200.0, 201.0, 202.0] and got["temperature_c"].notna().sum() == 2
+    assert temperatures(store) == {"h GPU 0": 61.0, "h GPU 1": 64.0}
