@@ -112,3 +112,40 @@ def test_best_row_per_model_within_a_deadline_and_a_budget():
     assert best.set_index("model")["gpu"].to_dict() == {"a": "H200"} and missed == ["b"]
     best, _ = best_under_limits(agg, None, 15.0, None)  # time per token: 10 ms (H200 a), 40 ms, 20 ms
     assert best["model"].tolist() == ["a"] and best["ms_per_token"].tolist() == [10.0]
+
+
+def test_detail_timeline_and_validation_column(tmp_path):
+    """The model detail's power timeline: the job's samples in its requests' span, one
+    shaded window and one first-token rule per request; the leaderboard's check column."""
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    from sweep.meters.timeline import POWER_SCHEMA
+    from sweep.store import job_slug
+    from tests.helpers import make_run, synthetic_rows
+    from ui import charts
+    from ui.data import RunsFolder
+    from ui.views import timeline_frames, timeline_note
+
+    rows = synthetic_rows("r", "m", "chat", [100.0] * 4, [50] * 4, latency=[0.8] * 4)
+    store = make_run(tmp_path, "r", [rows])
+    t0 = rows[0]["started_at"]
+    stamps = [t0 + timedelta(seconds=0.1 * k) for k in range(-20, 60)]
+    samples = pa.table({"model": ["m"] * 80, "task": ["chat"] * 80, "host": ["h"] * 80, "gpu_index": [0] * 80,
+                        "timestamp": stamps, "power_w": [100.0 + k for k in range(80)], "temperature_c": [None] * 80},
+                       schema=POWER_SCHEMA)
+    store.write_power_part(samples, job_slug("m", "chat"))
+    folder = RunsFolder(tmp_path)
+    assert folder.aggregates()["validation"].tolist() == ["warning"]  # every 0.8 s window is coarse
+    sub = folder.rows("r", "m", "chat")
+    power = folder.power("r", "m", "chat", t0, t0 + timedelta(seconds=3.8))
+    assert len(power) == 39  # samples from t0 to t0 + 3.8 s, both ends included
+    points, requests = timeline_frames(sub.sort_values("started_at"), power)
+    assert requests["start_s"].tolist() == [0.0, 1.0, 2.0, 3.0] and requests["end_s"].tolist() == pytest.approx([0.8, 1.8, 2.8, 3.8])
+    assert requests["first_token_s"].tolist() == pytest.approx([0.01, 1.01, 2.01, 3.01])
+    assert points["t_s"].iloc[0] == 0.0 and set(points["gpu"]) == {"GPU 0"}
+    spec = charts.timeline(points, requests)
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["rect", "rule", "line"]
+    assert "decode 95.0 J per response; decode 1.939 J/token" in timeline_note(sub, 4, True)
+    assert "No power timeline" in timeline_note(sub, 4, False)

@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 from gradio.components.plot import PlotData
 
-from ui import charts
+from ui import charts, views
 from ui.data import DISPLAY, RunsFolder, verbosity
 from ui.formula import FormulaError, evaluate
 from ui.views import (
@@ -195,9 +195,9 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         Further per-job views (e.g. a power timeline) go here."""
         sub = folder.rows(run_id, model, task) if run_id and model and task else None
         if sub is None:
-            return "Pick a run with per-request rows, a model and a task.", None, "", None, None
+            return "Pick a run with per-request rows, a model and a task.", None, "", None, None, None, ""
         if sub.empty:
-            return f"No responses of {model} on {task} in {run_id}.", None, "", None, None
+            return f"No responses of {model} on {task} in {run_id}.", None, "", None, None, None, ""
         prompts = folder.prompts(run_id)
         samples = sub.merge(prompts, on="prompt_id", how="left").sort_values("prompt_id").head(20)
         samples = samples[["prompt_id", "prompt", "response", "response_tokens", "energy_j", "latency_s"]].round(
@@ -215,7 +215,13 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                                       "response length (tokens)", width=half)
         energy_note = "" if energy is not None else (
             f"_No energy histogram: {note}. Energy needs a run on an NVIDIA GPU._")
-        return summary, _plot(energy), energy_note, _plot(length), samples
+        first = sub.sort_values("started_at").head(views.TIMELINE_REQUESTS)
+        end = (first["started_at"] + pd.to_timedelta(first["latency_s"], unit="s")).max()
+        power = folder.power(run_id, model, task, first["started_at"].min() - pd.Timedelta(seconds=0.5),
+                             end + pd.Timedelta(seconds=0.5))
+        line = charts.timeline(*views.timeline_frames(first, power)) if not power.empty else None
+        return (summary, _plot(energy), energy_note, _plot(length), samples, _plot(line),
+                views.timeline_note(sub, len(first), line is not None))
 
     def detail_pick(run_id, model, task):
         """Dropdowns of the model detail for a run (keeping the model and task where the run
@@ -332,6 +338,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                         d_energy = gr.Plot(label="Energy per response", elem_id="detail-energy")
                         d_energy_note = gr.Markdown(elem_id="detail-energy-note")
                     d_length = gr.Plot(label="Response length", elem_id="detail-length")
+                d_timeline = gr.Plot(label="Power timeline", elem_id="detail-timeline")
+                d_timeline_note = gr.Markdown(elem_id="detail-timeline-note")
                 d_samples = gr.Dataframe(interactive=False, wrap=True, label="Sample prompts and responses",
                                          elem_id="detail-samples")
             with gr.Tab("Compare", id="compare"):
@@ -357,7 +365,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         plot_out = [scatter, scatter_note, front, front_note, quality, quality_note]
         verb_out = [verb_gpu, verb_plot, verb_note, verb_table]
         limits_out = [limits_table, limits_note]
-        detail_out = [d_summary, d_energy, d_energy_note, d_length, d_samples]
+        detail_out = [d_summary, d_energy, d_energy_note, d_length, d_samples, d_timeline, d_timeline_note]
         compare_out = [c_energy, c_note, c_length, c_hist, c_table]
 
         def on_filter(runs, gpus, task, backends, custom_cols, columns, rank_by, x, y, colour, log, score,

@@ -168,3 +168,28 @@ def boxes(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[s
                                "axis": {"labelAngle": -20, "labelLimit": 200}},
                          "y": {"field": field, "type": "quantitative", "title": title, "scale": _scale(log)},
                          "color": {**_colour(group, domain), "legend": None}}}
+
+
+def timeline(samples: pd.DataFrame, requests: pd.DataFrame, width: int = WIDTH) -> dict | None:
+    """Power over time (a step line per GPU: each reading holds until the next sample),
+    requests shaded from start to end, and a rule at each first token (prefill | decode).
+    `samples`: t_s, gpu, power_w; `requests`: start_s, first_token_s, end_s, prompt_id."""
+    if samples.empty:
+        return None
+    line = {"mark": {"type": "line", "interpolate": "step-after", "strokeWidth": 1.5},
+            "data": {"values": _records(samples)},
+            "encoding": {"x": {"field": "t_s", "type": "quantitative", "title": "time since the first request shown (s)"},
+                         "y": {"field": "power_w", "type": "quantitative", "title": "GPU power (W)",
+                               "scale": {"zero": True}},
+                         "color": {"field": "gpu", "type": "nominal", "title": "GPU"},
+                         "tooltip": [{"field": "gpu"}, {"field": "t_s", "format": ".3f", "title": "s"},
+                                     {"field": "power_w", "format": ".0f", "title": "W"}]}}
+    reqs = _records(requests)
+    shade = {"mark": {"type": "rect", "opacity": 0.12, "color": "#4e79a7"}, "data": {"values": reqs},
+             "encoding": {"x": {"field": "start_s", "type": "quantitative"}, "x2": {"field": "end_s"},
+                          "tooltip": [{"field": "prompt_id", "title": "request"},
+                                      {"field": "prefill_j", "format": ".2f", "title": "prefill J"},
+                                      {"field": "decode_j", "format": ".1f", "title": "decode J"}]}}
+    first = {"mark": {"type": "rule", "strokeDash": [3, 3], "color": "#e15759"}, "data": {"values": reqs},
+             "encoding": {"x": {"field": "first_token_s", "type": "quantitative"}}}
+    return {**_base(300, width), "layer": [shade, first, line]}

@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 
 from sweep.aggregate import PART_FILE, finish, partials, results_dataset
 from sweep.report import AGGREGATES_FILE, read_imported
+from sweep import validate
 from sweep.store import PartsChanged, RunStore
 
 # Columns of the leaderboard, in order, with their (short) headers; units in the header.
@@ -35,22 +36,29 @@ DISPLAY = {
     "energy": "energy (J)",
     "energy_ci": "95% CI (J)",
     "energy_per_token": "J/token",
+    "decode_energy_per_token": "decode J/token",
+    "prefill_energy": "prefill (J)",
     "energy_above_idle": "above idle (J)",
     "response_length": "length (tok)",
     "latency": "latency (s)",
     "ttft": "TTFT (s)",
     "throughput": "tok/s",
     "responses": "responses",
+    "flagged_share": "flagged",
+    "validation": "check",
     "arc": "arc",
     "hellaswag": "hellaswag",
     "truthfulqa": "truthfulqa",
     "energy_note": "energy note",
 }
 NUMERIC = ["parameters", "energy", "energy_per_token", "throughput", "response_length", "latency", "responses",
-           "arc", "hellaswag", "truthfulqa", "energy_ci_low", "energy_ci_high", "ttft", "energy_above_idle"]
+           "arc", "hellaswag", "truthfulqa", "energy_ci_low", "energy_ci_high", "ttft", "energy_above_idle",
+           "decode_energy_per_token", "prefill_energy", "flagged_share"]
 # What the model-detail view shows of each request.
 DETAIL_COLUMNS = ["prompt_id", "response", "response_tokens", "energy_j", "energy_note", "latency_s", "gpu_name",
-                  "template"]
+                  "template", "started_at", "ttft_s", "window_s", "prefill_energy_j", "decode_energy_j", "quality_flags"]
+ID_SCHEMA = pa.schema([("model", pa.string()), ("task", pa.string()), ("prompt_id", pa.string()),
+                       (PART_FILE, pa.string())])
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -65,8 +73,10 @@ def hub_url(path: str | None) -> str | None:
 class _Cached:
     fingerprint: tuple
     aggregates: pd.DataFrame
-    partials: pa.Table | None = None  # per part file, see sweep.aggregate.partials; None: aggregate-only run
+    partials: pa.Table | None = None  # per part file and worker, see sweep.aggregate.partials; None: aggregate-only run
     files: frozenset[str] = frozenset()  # part files the partials cover (a file may hold no rows)
+    ids: pa.Table | None = None  # (model, task, prompt_id, part_file) of every row: validation counts them
+    temperatures: dict = field(default_factory=dict)  # power file -> its highest temperature per GPU
 
 
 @dataclass
@@ -96,7 +106,10 @@ class RunsFolder:
         imported = run_dir / AGGREGATES_FILE
         store = RunStore(run_dir)
         parts = self._parts(store)
-        fp = (tuple(parts), imported.stat().st_mtime_ns if imported.is_file() else None)
+        # What else validation reads: the manifest (the plan), failures, the power timeline.
+        others = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in (store.manifest_path, store.failures_dir)
+                              if p.exists())) + tuple(p.name for p in store.power_files())
+        fp = (tuple(parts), imported.stat().st_mtime_ns if imported.is_file() else None, others)
         hit = self._cache.get(run_dir.name)
         if hit is not None and hit.fingerprint == fp:
             return hit
@@ -110,19 +123,34 @@ class RunsFolder:
             old = hit.partials if hit is not None and hit.partials is not None else None
             known = hit.files if old is not None else frozenset()
             new = [run_dir / "results" / n for n in sorted(names - known)]
+            ids: list[pa.Table] = []
             try:
-                scanned = store.scan_parts(lambda paths: partials(paths, by_file=True), files=new)
+                scanned = store.scan_parts(lambda paths: partials(paths, by_file=True, by_worker=True, ids=ids), files=new)
             except PartsChanged:  # a job's files were compacted meanwhile: list the run again
                 return self._load(run_dir)
-            kept = [old.filter(pc.is_in(old[PART_FILE], pa.array(sorted(names), pa.string())))] if old else []
+            still = pa.array(sorted(names), pa.string())
+            kept = [old.filter(pc.is_in(old[PART_FILE], still))] if old else []
             # In file-name order, as a scan of the folder sees the rows.
             table = pa.concat_tables(kept + [scanned]).sort_by(PART_FILE)
+            kept_ids = [hit.ids.filter(pc.is_in(hit.ids[PART_FILE], still))] if old is not None and hit.ids is not None else []
+            id_table = pa.concat_tables(kept_ids + ids) if kept_ids + ids else ID_SCHEMA.empty_table()
             agg = finish(table)
+            temps = dict(hit.temperatures) if hit is not None else {}
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
-            hit = _Cached(fp, agg, table, names)
+                agg = agg.merge(self._validation(store, table, id_table, temps), on=["model", "task"], how="left")
+            hit = _Cached(fp, agg, table, names, id_table, temps)
         self._cache[run_dir.name] = hit
         return hit
+
+    @staticmethod
+    def _validation(store: RunStore, parts: pa.Table, ids: pa.Table, temps: dict) -> pd.DataFrame:
+        """Per (model, task): the worst failed check of `sweep validate` ("ok", "warning",
+        "error"), from the partials and ids already read."""
+        facts = validate.facts(store.read_manifest(), set(store.read_prompts()["prompt_id"]),
+                               parts.drop_columns([PART_FILE]), ids.drop_columns([PART_FILE]), store.failures(),
+                               validate.temperatures(store, temps))
+        return validate.job_status(validate.run_checks(facts))
 
     def aggregates(self) -> pd.DataFrame:
         frames = [self._load(d).aggregates for d in self.run_dirs()]
@@ -130,7 +158,7 @@ class RunsFolder:
         if not frames:  # every column a view reads, so that an empty folder shows empty views
             return pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url", "measured"])))
         agg = pd.concat(frames, ignore_index=True)
-        for col in NUMERIC + ["url", "energy_note"]:
+        for col in NUMERIC + ["url", "energy_note", "validation"]:
             if col not in agg:
                 agg[col] = np.nan
         return agg
@@ -170,6 +198,17 @@ class RunsFolder:
         except PartsChanged:  # the job's files were compacted meanwhile: read them as they are now
             return self.rows(run_id, model, task)
         return table.to_pandas()
+
+    def power(self, run_id: str, model: str, task: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+        """Power samples of one job's GPUs between two times (UTC): host, gpu_index, timestamp, power_w."""
+        store = RunStore(self.root / run_id)
+        utc = pa.timestamp("us", tz="UTC")
+        when = ((ds.field("model") == model) & (ds.field("task") == task) & ds.field("power_w").is_valid()
+                & (ds.field("timestamp") >= pa.scalar(pd.Timestamp(start).to_pydatetime(), utc))
+                & (ds.field("timestamp") <= pa.scalar(pd.Timestamp(end).to_pydatetime(), utc)))
+        table = store.read_power(filter=when).select(["host", "gpu_index", "timestamp", "power_w"])
+        # A crash between a merge of power files and the removal of its inputs leaves samples twice.
+        return table.to_pandas().drop_duplicates().sort_values("timestamp", kind="stable")
 
     def prompts(self, run_id: str) -> pd.DataFrame:
         return RunStore(self.root / run_id).read_prompts()

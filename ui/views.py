@@ -47,10 +47,11 @@ def numeric_columns(df: pd.DataFrame) -> list[str]:
 
 
 DECIMALS = {"energy": 1, "energy_per_token": 3, "energy_above_idle": 1, "throughput": 1, "response_length": 1,
-            "latency": 2, "ttft": 3, "responses": 0, "arc": 1, "hellaswag": 1, "truthfulqa": 1}
+            "latency": 2, "ttft": 3, "responses": 0, "arc": 1, "hellaswag": 1, "truthfulqa": 1,
+            "decode_energy_per_token": 3, "prefill_energy": 2, "flagged_share": 2}
 # What fits a ~1,200 px page; the others are a tick away (Columns).
 DEFAULT_COLUMNS = ["model", "gpu", "backend", "parameters", "energy", "energy_per_token", "energy_above_idle",
-                   "response_length", "latency", "ttft", "throughput"]
+                   "response_length", "latency", "ttft", "throughput", "validation"]
 # Shown even when empty, so that a run without energy says so instead of losing the column.
 ALWAYS = {"model", "energy"}
 COLUMN_HELP = {
@@ -64,6 +65,12 @@ COLUMN_HELP = {
     "energy": "mean GPU energy per response, J (Zeus, the worker's own GPUs)",
     "energy_ci": "95% confidence interval of the mean energy (Student t), J",
     "energy_per_token": "total energy over total generated tokens, J/token",
+    "decode_energy_per_token": "decode-phase energy (power timeline, first token to end) over the tokens after "
+                               "the first, J/token: the figure to compare runtimes by",
+    "prefill_energy": "mean energy from the request's start to its first token (power timeline), J",
+    "flagged_share": "share of measured responses with an energy quality flag (window under 1 s, counter "
+                     "reset or still, power outside idle..limit)",
+    "validation": "worst failed check of `python -m sweep validate` for this model and task: ok, warning, error",
     "energy_above_idle": "mean energy per response minus the GPU's idle power x the request's time, J",
     "response_length": "mean generated tokens per response",
     "latency": "mean wall time per response, prefill included, s",
@@ -300,3 +307,35 @@ def about_runs(manifests: dict[str, dict]) -> str:
     if prompts_seen:
         out.insert(0, "## Task prompts\n\n" + "\n\n".join(f"**{n}**: {p}" for n, p in sorted(prompts_seen.items())))
     return "\n\n".join(out)
+
+
+TIMELINE_REQUESTS = 20  # the model detail plots the power of a job's first requests
+
+
+def timeline_frames(rows: pd.DataFrame, samples: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(power samples, requests) of the model detail's timeline, times in seconds since
+    the first request shown. `rows`: the requests shown (started_at, latency_s, ttft_s,
+    prefill/decode energy); `samples`: host, gpu_index, timestamp, power_w."""
+    t0 = rows["started_at"].min()
+    start = (rows["started_at"] - t0).dt.total_seconds()
+    requests = pd.DataFrame({"prompt_id": rows["prompt_id"], "start_s": start, "end_s": start + rows["latency_s"],
+                             "first_token_s": start + rows["ttft_s"].fillna(0.0),
+                             "prefill_j": rows["prefill_energy_j"], "decode_j": rows["decode_energy_j"]})
+    one_host = samples["host"].nunique() <= 1
+    gpu = [f"GPU {i}" if one_host else f"{h} GPU {i}" for h, i in zip(samples["host"], samples["gpu_index"])]
+    points = pd.DataFrame({"t_s": (samples["timestamp"] - t0).dt.total_seconds(), "gpu": gpu,
+                           "power_w": samples["power_w"]})
+    return points, requests
+
+
+def timeline_note(rows: pd.DataFrame, shown: int, plotted: bool) -> str:
+    if not plotted:
+        return ("_No power timeline: it is recorded on NVIDIA GPUs (Zeus `PowerMonitor`, every 20 ms); "
+                "CPU runs and runs made before it existed have none._")
+    split = rows.dropna(subset=["prefill_energy_j", "decode_energy_j"])
+    decode_tokens = (split["response_tokens"] - 1).clip(lower=0).sum()
+    figures = (f" Mean prefill {split['prefill_energy_j'].mean():.2f} J and decode {split['decode_energy_j'].mean():.1f} J "
+               f"per response; decode {split['decode_energy_j'].sum() / decode_tokens:.3f} J/token (all {len(split)} "
+               f"responses)." if len(split) and decode_tokens else "")
+    return (f"Power of the first {shown} requests of {len(rows)}: shaded, a request's energy window; dashed, its "
+            f"first token (prefill before, decode after).{figures}")
