@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.nvml import NvmlEnergyLog  # noqa: E402
 from sweep.backends import load_backend  # noqa: E402
 from sweep.config import GenerationSettings, ModelSpec, TaskSpec, TasksFile  # noqa: E402
-from sweep.meter import EnergyMeter  # noqa: E402
+from sweep.meters.zeus import EnergyMeter  # noqa: E402
 from sweep.prompts import builtin_prompts  # noqa: E402
 from sweep.store import RunStore  # noqa: E402
 from sweep.worker import Worker, request_seed  # noqa: E402

@@ -1,16 +1,21 @@
-"""How report and UI scale with a run's size: a synthetic run in today's file layout.
+"""How report and UI scale with a run's size: a synthetic run, as part files and compacted.
 
     python bench/scale.py                                  # 40 models x 4 tasks x 3,000 prompts = 480,000 rows
     python bench/scale.py --models 4 --prompts 300         # a small one
-    python bench/scale.py --root /tmp/scale --no-build     # measure again on the run built before
+    python bench/scale.py --root /tmp/scale --no-build     # measure again on the runs built before
 
-The run is built once under --root (rows shaped like `sweep.record.ResultRow`, written with
-`RunStore.write_part` in part files of 64 rows, as `FLUSH_ROWS` makes them, responses of
-~1.3 KB) and kept for later runs of this script. Then, each in a fresh process:
+The run is built once under --root/flat (rows shaped like `sweep.record.ResultRow`, written
+with `RunStore.write_part` in part files of 64 rows, as `FLUSH_ROWS` makes them, responses of
+~1.3 KB), copied to --root/compacted and compacted there with the real CLI (`python -m
+sweep compact`, timed: the layout a sweep leaves, one file per job). Both are kept for later
+runs of this script. Then, on each layout, each in a fresh process:
 - report: the real CLI (`python -m sweep report RUN --csv DIR`);
 - UI first load: `ui.data.RunsFolder(root).aggregates()`;
 - UI refresh: after a first load, one new part file is written, then `aggregates()` again
   (the file is removed afterwards, so the run stays as built);
+- compact one job and UI refresh: a job of --prompts rows is added in part files, the UI
+  loads, the job is compacted (`RunStore.compact`, as the writer does when a job ends) and
+  the UI refreshes: the live view while a sweep's jobs end (the job is removed afterwards);
 - UI detail: the per-request rows of one (model, task), as the model-detail view reads them.
 Printed per step: wall time of the whole process (interpreter start and imports included),
 the time of the step itself inside it, and the process's peak resident memory.
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RUN_ID = "scale"
+LAYOUTS = ("flat", "compacted")
 TASKS = ["chat", "chat-concise", "instruct", "instruct-concise"]
 GPUS = ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
 WORDS = [f"w{i:03d}" for i in range(1000)]
@@ -68,6 +75,10 @@ def make_rows(model_i: int, task: str, prompt_ids: range, rng: random.Random, re
             backend="transformers", dtype="float16", template="fastchat:vicuna_v1.1", temperature=0.7, top_p=1.0,
             repetition_penalty=1.0, max_new_tokens=1024, cache_implementation="dynamic", compiled=False,
             steps_past_stop=0,
+            quality_flags=["coarse_window"] if latency_s < 1.0 else [], window_s=latency_s,
+            mean_power_w=None if energy_j is None else energy_j / latency_s, power_limit_w=700.0,
+            prefill_energy_j=None if energy_j is None else 0.03 * energy_j,
+            decode_energy_j=None if energy_j is None else 0.97 * energy_j, energy_split_method="synthetic",
         ).to_dict())
     return rows
 
@@ -136,7 +147,36 @@ def step_ui_detail(root: Path) -> None:
     print(json.dumps({"step_s": time.perf_counter() - t, "rows": len(rows)}))
 
 
-STEPS = {"ui-load": step_ui_load, "ui-refresh": step_ui_refresh, "ui-detail": step_ui_detail}
+def step_ui_compact(root: Path) -> None:
+    from sweep.store import RunStore, job_slug
+    from ui.data import RunsFolder
+
+    store = RunStore(root / RUN_ID)
+    # One more job, as part files: the size of the run's own jobs.
+    prompts = len(store.read_prompts())
+    model, slug, rng = 99, job_slug(model_name(99), "chat"), random.Random(2)
+    for start in range(0, prompts, 64):
+        store.write_part(make_rows(model, "chat", range(start, min(start + 64, prompts)), rng, 1300), slug)
+    folder = RunsFolder(root)
+    try:
+        folder.aggregates()
+        t = time.perf_counter()
+        with store.job_lock(slug, timeout_s=0):
+            store.compact(slug)
+        compact_s = time.perf_counter() - t
+        t = time.perf_counter()
+        agg = folder.aggregates()
+        step_s = time.perf_counter() - t
+    finally:
+        for path in store.results_dir.iterdir():
+            if path.name.startswith(slug):
+                path.unlink()
+    assert agg.loc[agg["model"] == model_name(model), "responses"].sum() == prompts
+    print(json.dumps({"step_s": step_s, "compact_s": compact_s, "rows": prompts}))
+
+
+STEPS = {"ui-load": step_ui_load, "ui-refresh": step_ui_refresh, "ui-compact": step_ui_compact,
+         "ui-detail": step_ui_detail}
 
 
 def measure(cmd: list[str]) -> dict:
@@ -153,15 +193,40 @@ def measure(cmd: list[str]) -> dict:
         return {"wall_s": wall_s, "peak_mb": usage.ru_maxrss / 1024, "out": out.read()}
 
 
+def measure_layout(root: Path) -> list[tuple[str, dict, float | None]]:
+    """(label, process figures, step seconds) of every step on the run under `root`."""
+    run_dir = root / RUN_ID
+    results = []
+    with tempfile.TemporaryDirectory() as csv_dir:
+        r = measure([sys.executable, "-m", "sweep", "report", str(run_dir), "--csv", csv_dir])
+        results.append(("report (CLI, --csv)", r, None))
+    for step, label in (("ui-load", "UI first load"), ("ui-refresh", "UI refresh after 1 new part"),
+                        ("ui-compact", "UI refresh after a job compacted"),
+                        ("ui-detail", "UI detail of one (model, task)")):
+        r = measure([sys.executable, str(Path(__file__).resolve()), "--step", step, "--root", str(root)])
+        out = json.loads(r["out"].strip().splitlines()[-1])
+        if "compact_s" in out:
+            results.append((f"  compact that job ({out['rows']:,} rows)", {}, out["compact_s"]))
+        results.append((label, r, out["step_s"]))
+    return results
+
+
+def describe(run_dir: Path) -> str:
+    files = [p for p in (run_dir / "results").iterdir() if not p.name.startswith((".", "_"))]
+    size_mib = sum(p.stat().st_size for p in files) / 2**20
+    return f"{run_dir}: {len(files):,} files, {size_mib:,.0f} MiB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "sweep-scale",
-                    help="runs folder; the run is built here once (default: %(default)s)")
+                    help="the runs are built here once, in flat/ and compacted/ (default: %(default)s)")
     ap.add_argument("--models", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=3000, help="per (model, task); 4 tasks")
     ap.add_argument("--part-rows", type=int, default=64, help="rows per part file (FLUSH_ROWS)")
     ap.add_argument("--response-bytes", type=int, default=1300)
-    ap.add_argument("--no-build", action="store_true", help="measure the run already under --root")
+    ap.add_argument("--layout", choices=LAYOUTS + ("both",), default="both", help="which layouts to measure")
+    ap.add_argument("--no-build", action="store_true", help="measure the runs already under --root")
     ap.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)  # one step, in a child process
     args = ap.parse_args()
     root = args.root.resolve()
@@ -169,30 +234,31 @@ def main() -> None:
         STEPS[args.step](root)
         return
 
-    run_dir = root / RUN_ID
+    flat, compacted = (root / layout / RUN_ID for layout in LAYOUTS)
+    compaction = None
     if not args.no_build:
-        if run_dir.exists():
-            raise SystemExit(f"{run_dir} exists: pass --no-build to measure it, or remove it")
+        for run_dir in (flat, compacted):
+            if run_dir.exists():
+                raise SystemExit(f"{run_dir} exists: pass --no-build to measure it, or remove it")
         t = time.perf_counter()
-        rows = build(run_dir, args.models, args.prompts, args.part_rows, args.response_bytes)
+        rows = build(flat, args.models, args.prompts, args.part_rows, args.response_bytes)
         print(f"built {rows:,} rows in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    parts = sum(1 for p in (run_dir / "results").iterdir() if p.suffix == ".parquet")
-    size_mb = sum(p.stat().st_size for p in (run_dir / "results").iterdir()) / 2**20
+        shutil.copytree(flat, compacted)
+        compaction = measure([sys.executable, "-m", "sweep", "compact", str(compacted)])
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"run {run_dir}: {parts:,} part files, {size_mb:,.0f} MiB; {os.cpu_count()} cores, load average {load}")
-
-    results = []
-    with tempfile.TemporaryDirectory() as csv_dir:
-        r = measure([sys.executable, "-m", "sweep", "report", str(run_dir), "--csv", csv_dir])
-        results.append(("report (CLI, --csv)", r, None))
-    for step, label in (("ui-load", "UI first load"), ("ui-refresh", "UI refresh after 1 new part"),
-                        ("ui-detail", "UI detail of one (model, task)")):
-        r = measure([sys.executable, str(Path(__file__).resolve()), "--step", step, "--root", str(root)])
-        results.append((label, r, json.loads(r["out"].strip().splitlines()[-1])["step_s"]))
-    print(f"{'step':32} {'process wall s':>14} {'step s':>8} {'peak MiB':>9}")
-    for label, r, step_s in results:
-        step = f"{step_s:8.3f}" if step_s is not None else f"{'':>8}"
-        print(f"{label:32} {r['wall_s']:14.2f} {step} {r['peak_mb']:9.0f}")
+    print(f"{os.cpu_count()} cores, load average {load}")
+    if compaction:
+        print(f"compaction of the whole run (CLI): {compaction['wall_s']:.1f} s, peak {compaction['peak_mb']:.0f} MiB")
+    layouts = LAYOUTS if args.layout == "both" else (args.layout,)
+    for layout in layouts:
+        results = measure_layout(root / layout)
+        print(f"\n{layout}: {describe(root / layout / RUN_ID)}")
+        print(f"{'step':34} {'process wall s':>14} {'step s':>8} {'peak MiB':>9}")
+        for label, r, step_s in results:
+            wall = f"{r['wall_s']:14.2f}" if r else f"{'':>14}"
+            step = f"{step_s:8.3f}" if step_s is not None else f"{'':>8}"
+            peak = f"{r['peak_mb']:9.0f}" if r else ""
+            print(f"{label:34} {wall} {step} {peak}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Metric names follow the 2023 ML.ENERGY leaderboard (means per response): `energy
 measured responses), a 95% confidence interval of the mean energy (Student t),
 `energy_above_idle` (J), `ttft` (s), and `responses` / `measured` (rows behind the figures;
 a response without an energy reading is left out of the energy figures, not counted as 0).
+From the power timeline: `prefill_energy` and `decode_energy` (J, means), and
+`decode_energy_per_token` (J/token: total decode energy over the tokens after the first).
+Checks: `mean_power` and `idle_power` (W, means), `flagged_share` (rows with an energy
+quality flag), `coarse_share` (rows with a window under 1 s).
 
 Two steps, so that report and UI share every definition and a live view adds a new part
 file without re-reading the others:
@@ -17,6 +21,7 @@ Only `SCAN_COLUMNS` are read: never `response`, the bulk of the data.
 
 from __future__ import annotations
 
+import functools
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,12 +33,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from sweep.quality import ENERGY_FLAGS
 from sweep.record import RESULT_SCHEMA
 
 KEYS = ["run_id", "gpu", "model", "backend", "task"]
 # Partials keep the full GPU name: names that differ can share a short name (H100 PCIe / SXM).
 PARTIAL_KEYS = ["run_id", "gpu_name", "model", "backend", "task"]
 PART_FILE = "part_file"
+# A worker: `validate` compares the same GPU model across workers.
+WORKER_KEYS = ["host", "gpu_index"]
 # Rows from a writer that had no `backend` column: a key cannot be empty (the UI filters on it).
 BACKEND_WHEN_ABSENT = "unknown"
 
@@ -45,13 +53,24 @@ MEANS = {
     "response_length": ("response_tokens", False),
     "latency": ("latency_s", False),
     "ttft": ("ttft_s", False),
+    "prefill_energy": ("prefill_energy_j", True),
+    "decode_energy": ("decode_energy_j", True),
+    "mean_power": ("mean_power_w", True),
+    "idle_power": ("idle_power_w", False),
+    "power_limit": ("power_limit_w", False),
 }
 FIRSTS = {"model_path": "model_path", "parameters": "params_b", "energy_note": "energy_note"}
-SCAN_COLUMNS = sorted(set(PARTIAL_KEYS) | {c for c, _ in MEANS.values()} | set(FIRSTS.values()))
+# Rows counted per group: any energy quality flag; a window under 1 s.
+COUNTS = {"flagged": ENERGY_FLAGS, "coarse": ("coarse_window",)}
+SCAN_COLUMNS = sorted(set(PARTIAL_KEYS) | set(WORKER_KEYS) | {c for c, _ in MEANS.values()} | set(FIRSTS.values())
+                      | {"quality_flags"})
 # Additive columns of a partial; the sums of a group's rows, whichever files they came from.
-SUMS = ["responses", "energy_sq_sum", "measured_tokens_sum"] + [f"{f}_{s}" for f in MEANS for s in ("sum", "n")]
+SUMS = (["responses", "energy_sq_sum", "measured_tokens_sum", "decode_tokens_sum"]
+        + [f"{f}_{s}" for f in MEANS for s in ("sum", "n")] + [f"{c}_n" for c in COUNTS] + ["energy_missing_n"])
 FIGURES = ["model_path", "parameters", "responses", "measured", "energy", "energy_ci_low", "energy_ci_high",
-           "energy_per_token", "energy_above_idle", "throughput", "response_length", "latency", "ttft", "energy_note"]
+           "energy_per_token", "energy_above_idle", "throughput", "response_length", "latency", "ttft",
+           "prefill_energy", "decode_energy", "decode_energy_per_token", "mean_power", "idle_power", "power_limit",
+           "flagged_share", "coarse_share", "energy_missing", "energy_note"]
 
 READ_THREADS = 4  # the reader releases the GIL; more threads than cores hides file-open waits
 CHUNK_FILES = 512
@@ -100,7 +119,20 @@ def _row_table(scan: pa.Table) -> pa.Table:
         v = _float(scan[column])
         cols[figure] = pc.if_else(measured, v, _NULL) if only_measured else v
     cols["energy_sq"] = pc.multiply(energy, energy)
-    cols["measured_tokens"] = pc.if_else(measured, _float(scan["response_tokens"]), _NULL)
+    tokens = _float(scan["response_tokens"])
+    cols["measured_tokens"] = pc.if_else(measured, tokens, _NULL)
+    # The first token comes out of the prefill; decode makes the rest.
+    has_decode = pc.is_valid(cols["decode_energy"])
+    cols["decode_tokens"] = pc.if_else(has_decode, pc.max_element_wise(pc.subtract(tokens, 1.0), 0.0), _NULL)
+    # A frame whose lists are all empty arrives as list<null>.
+    flags = pc.fill_null(pc.binary_join(pc.cast(scan["quality_flags"], pa.list_(pa.string())), " "), "")
+    for name, which in COUNTS.items():
+        hit = pc.match_substring_regex(flags, r"\b(" + "|".join(which) + r")\b")
+        cols[name] = pc.cast(hit, pa.int64())
+    for key in WORKER_KEYS:
+        cols[key] = scan[key]
+    # Rows with no energy that do not say why (validate's `energy_present`).
+    cols["energy_missing"] = pc.cast(pc.and_(pc.invert(measured), pc.is_null(scan["energy_note"])), pa.int64())
     for name, column in FIRSTS.items():
         cols[name] = scan[column]
     if PART_FILE in scan.column_names:
@@ -110,63 +142,84 @@ def _row_table(scan: pa.Table) -> pa.Table:
 
 def _group(rows: pa.Table, keys: list[str]) -> pa.Table:
     """Rows -> partials: per group, the SUMS and the first value of each FIRSTS column."""
-    specs = [([], "count_all"), ("energy_sq", "sum", _SUM0), ("measured_tokens", "sum", _SUM0)]
+    specs = [([], "count_all"), ("energy_sq", "sum", _SUM0), ("measured_tokens", "sum", _SUM0),
+             ("decode_tokens", "sum", _SUM0)]
     for figure in MEANS:
         specs += [(figure, "sum", _SUM0), (figure, "count")]
+    specs += [(name, "sum", _SUM0) for name in [*COUNTS, "energy_missing"]]
     specs += [(name, "first") for name in FIRSTS]
     # One thread keeps rows in order, so "first" is the first row of the group, as in the files.
     out = rows.group_by(keys, use_threads=False).aggregate(specs)
-    names = {"count_all": "responses"} | {f"{f}_count": f"{f}_n" for f in MEANS} | {f"{n}_first": n for n in FIRSTS}
+    names = ({"count_all": "responses"} | {f"{f}_count": f"{f}_n" for f in MEANS} | {f"{n}_first": n for n in FIRSTS}
+             | {f"{c}_sum": f"{c}_n" for c in COUNTS} | {"energy_missing_sum": "energy_missing_n"})
     return out.rename_columns([names.get(c, c) for c in out.column_names]).select(keys + SUMS + list(FIRSTS))
 
 
-def partials(paths: list[Path], by_file: bool = False) -> pa.Table:
+def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, ids: list | None = None) -> pa.Table:
     """Per (run, gpu_name, model, backend, task) partial sums of the rows of some part
     files; with `by_file`, per part file too (column `part_file`, the file's name), so that
-    a live view can keep them per file, and add or drop files.
+    a live view can keep them per file, and add or drop files; with `by_worker`, per
+    (host, gpu_index) too. With `ids` (a list), the (model, task, prompt_id) of every row
+    (and its `part_file` with `by_file`) are appended to it, a table per chunk: `validate`
+    counts them, in the same pass.
 
     Files are read a chunk at a time (memory stays that of one chunk, whatever the run's
     size), each with pyarrow's Parquet reader, in a few threads: on 7,520 files of 64 rows
     a dataset scan of the same columns peaked near 1 GB, this near 200 MB, in no more time."""
-    keys = PARTIAL_KEYS + ([PART_FILE] if by_file else [])
+    keys = PARTIAL_KEYS + (WORKER_KEYS if by_worker else []) + ([PART_FILE] if by_file else [])
     out = []
     with ThreadPoolExecutor(READ_THREADS) as pool:
         for start in range(0, max(len(paths), 1), CHUNK_FILES):
             chunk = paths[start:start + CHUNK_FILES]
-            tables = list(pool.map(read_part, chunk)) or [RESULT_SCHEMA.empty_table().select(SCAN_COLUMNS)]
+            columns = SCAN_COLUMNS + ([] if ids is None else ["prompt_id"])
+            tables = (list(pool.map(lambda p: read_part(p, columns), chunk))
+                      or [RESULT_SCHEMA.empty_table().select(columns)])
+            if ids is not None:
+                ids.append(pa.concat_tables(
+                    t.select(["model", "task", "prompt_id"]).append_column(PART_FILE, pa.repeat(start + i, t.num_rows))
+                    for i, t in enumerate(tables)))
+                tables = [t.drop_columns(["prompt_id"]) for t in tables]
             # The file's position in `paths`: a number to group by, its name once per group.
             tagged = [t.append_column(PART_FILE, pa.repeat(pa.scalar(start + i, pa.int32()), t.num_rows))
                       for i, t in enumerate(tables)]
             out.append(_group(_row_table(pa.concat_tables(tagged)), keys))
     table = pa.concat_tables(out)
-    if not by_file:
-        return table
     names = pa.array([Path(p).name for p in paths], pa.string())
-    return table.set_column(table.schema.get_field_index(PART_FILE), PART_FILE, names.take(table[PART_FILE]))
+
+    def named(t: pa.Table) -> pa.Table:  # file positions -> file names
+        return t.set_column(t.schema.get_field_index(PART_FILE), PART_FILE, names.take(t[PART_FILE]))
+
+    if ids is not None:
+        ids[:] = [named(t) if by_file else t.drop_columns([PART_FILE]) for t in ids]
+    return named(table) if by_file else table
 
 
 def partials_of_table(rows: pa.Table) -> pa.Table:
-    """Partial sums of rows already in memory (at least SCAN_COLUMNS)."""
-    return _group(_row_table(rows.select(SCAN_COLUMNS)), PARTIAL_KEYS)
+    """Partial sums of rows already in memory; a column they lack counts as null."""
+    cols = {f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+            for f in (RESULT_SCHEMA.field(c) for c in SCAN_COLUMNS)}
+    return _group(_row_table(pa.table(cols)), PARTIAL_KEYS)
 
 
-def finish(parts: pa.Table) -> pd.DataFrame:
+def finish(parts: pa.Table, extra_keys: list[str] = []) -> pd.DataFrame:
     """Partials (any split of the rows, in file order) -> one row of figures per
-    (run_id, gpu, model, backend, task), sorted by those keys."""
+    (run_id, gpu, model, backend, task) (and `extra_keys`, e.g. WORKER_KEYS of partials
+    made `by_worker`), sorted by those keys."""
+    keys = KEYS + extra_keys
     if parts.num_rows == 0:
-        return pd.DataFrame(columns=KEYS + FIGURES)
+        return pd.DataFrame(columns=keys + FIGURES)
     gpu_names = parts["gpu_name"].unique()  # a few: short names in Python, then a lookup
     short = pa.array([gpu_short_name(n) for n in gpu_names.to_pylist()], pa.string())
     parts = parts.append_column("gpu", short.take(pc.index_in(parts["gpu_name"], gpu_names)))
     specs = [(c, "sum") for c in SUMS] + [(c, "first") for c in FIRSTS]
-    g = parts.group_by(KEYS, use_threads=False).aggregate(specs)
+    g = parts.group_by(keys, use_threads=False).aggregate(specs)
     renames = {f"{c}_sum": c for c in SUMS} | {f"{c}_first": c for c in FIRSTS}
-    g = g.rename_columns([renames.get(c, c) for c in g.column_names]).sort_by([(k, "ascending") for k in KEYS])
+    g = g.rename_columns([renames.get(c, c) for c in g.column_names]).sort_by([(k, "ascending") for k in keys])
     sums = {c: g[c].to_numpy(zero_copy_only=False).astype(float) for c in SUMS}
-    return _figures(g.select(KEYS + list(FIRSTS)).to_pandas(), sums)
+    return _figures(g.select(keys + list(FIRSTS)).to_pandas(), sums, keys)
 
 
-def _figures(out: pd.DataFrame, s: dict[str, np.ndarray]) -> pd.DataFrame:
+def _figures(out: pd.DataFrame, s: dict[str, np.ndarray], keys: list[str] = KEYS) -> pd.DataFrame:
     """Keys and firsts of each group + its sums -> the figures, in FIGURES order."""
     from scipy.special import stdtrit
 
@@ -192,11 +245,33 @@ def _figures(out: pd.DataFrame, s: dict[str, np.ndarray]) -> pd.DataFrame:
     for figure in MEANS:
         if figure != "energy":
             out[figure] = mean(figure)
+    decode_tokens = s["decode_tokens_sum"]
+    out["decode_energy_per_token"] = np.divide(s["decode_energy_sum"], decode_tokens, out=np.full(len(n), np.nan),
+                                               where=decode_tokens != 0)
+    # Shares of the rows with an energy reading (a CPU row has neither energy nor flags).
+    out["flagged_share"] = np.divide(s["flagged_n"], n, out=np.full(len(n), np.nan), where=n > 0)
+    out["coarse_share"] = np.divide(s["coarse_n"], n, out=np.full(len(n), np.nan), where=n > 0)
+    out["energy_missing"] = s["energy_missing_n"].astype("int64")
     # Why a group has no energy figure: only when no response of it was measured.
     out["energy_note"] = out["energy_note"].where(out["measured"] == 0, None)
-    return out[KEYS + FIGURES]
+    return out[keys + FIGURES]
 
 
 def aggregate_files(paths: list[Path]) -> pd.DataFrame:
     """Figures of every group in some part files."""
     return finish(partials(paths))
+
+
+@functools.lru_cache(maxsize=1)
+def worker_partials(paths: tuple[Path, ...]) -> tuple[pa.Table, pa.Table]:
+    """(`partials(paths, by_worker=True)`, every row's (model, task, prompt_id)), kept for
+    the last set of files: a report, then its validation and CSVs, read the run once (a
+    part file never changes once written; a new or removed one is a new key)."""
+    ids: list[pa.Table] = []
+    parts = partials(list(paths), by_worker=True, ids=ids)
+    return parts, pa.concat_tables(ids)
+
+
+def job_figures(parts: pa.Table) -> pd.DataFrame:
+    """Figures per KEYS of partials made with or without `by_worker`."""
+    return finish(parts.drop_columns([k for k in WORKER_KEYS if k in parts.column_names]))

@@ -1,4 +1,4 @@
-"""Command line: `python -m sweep [run] ...`, `report`, `import-mlenergy`.
+"""Command line: `python -m sweep [run] ...`, `report`, `validate`, `compact`, `import-mlenergy`.
 
 Exit status: 0 all jobs done, 1 some job failed or the disk is full, 2 bad input
 (nothing loaded or written), 130 interrupted by Ctrl-C or SIGTERM (rerun with the same
@@ -120,7 +120,7 @@ def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, tod
     """One driver session on a validated plan: write the run, sweep, close the session."""
     from sweep.driver import SweepOptions, SweepOutcome, run_sweep
     from sweep.manifest import new_manifest
-    from sweep.store import is_disk_full
+    from sweep.store import is_disk_full, job_slug
 
     run_id = store.run_dir.name
     session: dict | None = None
@@ -154,6 +154,12 @@ def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, tod
             session = {"started_at": _now(), "argv": sys.argv[1:]}
             manifest["sessions"].append(session)
             store.write_manifest(manifest)
+            # Jobs this session will not touch: part files that a crash left uncompacted
+            # (or a compaction cut short left behind) are merged now; the others are when
+            # they end.
+            compacted, _, _ = store.compact_run(skip={job_slug(j.model, j.task) for j in todo})
+            if compacted:
+                print(f"Compacted the part files of {compacted} job(s) that an earlier session left uncompacted")
             if todo:
                 opts = SweepOptions(run_id=run_id, run_dir=str(store.run_dir), address=args.address,
                                     cpu_workers=args.cpu_workers, dashboard=not args.no_dashboard,
@@ -264,6 +270,52 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_validate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m sweep validate",
+                                description="Check a run: complete, each row stored once, energy trustworthy. "
+                                            "Exit 0 when no error-level check fails, 1 otherwise.")
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    args = p.parse_args(argv)
+    import json
+
+    from sweep.store import RunStore
+    from sweep.validate import ERROR, as_records, print_table, validate
+
+    store = RunStore(args.run_dir)
+    if not store.results_dir.is_dir():
+        print(f"error: {args.run_dir}: no results/ folder: not a run directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    expectations = validate(store)
+    if args.json:
+        print(json.dumps(as_records(expectations), indent=1))
+    else:
+        print_table(expectations)
+    return 1 if any(not e.passed and e.severity == ERROR for e in expectations) else 0
+
+
+def cmd_compact(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m sweep compact",
+        description="Merge each job's part files into one file (a sweep does it when a job ends; this is for runs "
+                    "written before that, or stopped). Jobs a running sweep is writing are left to it.")
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    from sweep.store import RunStore
+
+    store = RunStore(args.run_dir)
+    if not store.results_dir.is_dir():
+        print(f"error: {args.run_dir}: no results/ folder: not a run directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    before = len(store.part_files())
+    jobs, removed, busy = store.compact_run()
+    print(f"{store.results_dir}: {jobs} job(s) compacted, {removed} file(s) replaced; "
+          f"{before} part file(s) before, {len(store.part_files())} now")
+    if busy:
+        print(f"{len(busy)} job(s) being written by a sweep, left to it: {', '.join(busy)}")
+    return 0
+
+
 def cmd_import_mlenergy(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m sweep import-mlenergy",
                                 description="Import the 2023 ML.ENERGY leaderboard's published results as a run.")
@@ -283,7 +335,8 @@ def cmd_import_mlenergy(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "import-mlenergy": cmd_import_mlenergy}
+COMMANDS = {"run": cmd_run, "report": cmd_report, "validate": cmd_validate, "compact": cmd_compact,
+            "import-mlenergy": cmd_import_mlenergy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,8 @@ def import_mlenergy(source: str | Path, out: str | Path, run_id: str = "mlenergy
     agg["backend"] = IMPORTED_BACKEND
     agg["url"] = agg["model"].map(lambda name: models.get(name, {}).get("url"))
     agg["parameters"] = agg["model"].map(lambda name: models.get(name, {}).get("params", np.nan)).astype(float)
-    agg["energy_per_token"] = agg["energy"] / agg["response_length"]  # ratio of means: no per-request data
+    # Mean energy over mean length of the same responses: the ratio of sums, as for a sweep.
+    agg["energy_per_token"] = agg["energy"] / agg["response_length"]
     for col in ("responses", "measured", "energy_ci_low", "energy_ci_high", "energy_above_idle", "ttft"):
         agg[col] = np.nan
     for col in SCORES:

@@ -37,7 +37,7 @@ class ResultRow:
     ttft_s: float | None = _col(pa.float64())
     throughput_tok_s: float | None = _col(pa.float64())
     energy_j: float | None = _col(pa.float64(), "null when not measured, see energy_note")
-    energy_per_token_j: float | None = _col(pa.float64())
+    energy_per_token_j: float | None = _col(pa.float64(), "this row's energy_j / response_tokens (aggregate energy_per_token is a ratio of sums)")
     idle_power_w: float | None = _col(pa.float64(), "the worker's GPUs at rest, measured before the job")
     energy_above_idle_j: float | None = _col(pa.float64())
     energy_note: str | None = _col(pa.string())
@@ -54,6 +54,13 @@ class ResultRow:
     cache_implementation: str = _col(pa.string(), "the cache the backend used, not the one asked for")
     compiled: bool | None = _col(pa.bool_(), "decode step compiled / replayed as a CUDA graph")
     steps_past_stop: int | None = _col(pa.int32(), "decode steps inside the window after the stop")
+    quality_flags: list[str] = _col(pa.list_(pa.string()), "what makes this row's figures coarse or suspect (sweep/quality.py); empty when clean")
+    window_s: float | None = _col(pa.float64(), "length of the energy window, seconds")
+    mean_power_w: float | None = _col(pa.float64(), "energy_j / window_s")
+    power_limit_w: float | None = _col(pa.float64(), "the worker's GPUs' enforced power limit (NVML), summed")
+    prefill_energy_j: float | None = _col(pa.float64(), "energy of [start, first token], from the power timeline")
+    decode_energy_j: float | None = _col(pa.float64(), "energy of [first token, end], from the power timeline")
+    energy_split_method: str | None = _col(pa.string(), "how prefill/decode energy were computed")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,13 +6,12 @@ reads only the columns they need.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
-from sweep.aggregate import KEYS, aggregate_files, finish, gpu_short_name, partials_of_table  # noqa: F401
+from sweep.aggregate import KEYS, finish, gpu_short_name, job_figures, partials_of_table, worker_partials  # noqa: F401
 from sweep.store import RunStore
 
 CSV_COLUMNS = ["model", "throughput", "response_length", "latency", "energy"]
@@ -36,18 +35,23 @@ def run_aggregates(store: RunStore) -> pd.DataFrame:
     imported = store.run_dir / AGGREGATES_FILE
     if imported.is_file():
         return read_imported(imported)
-    return store.scan_parts(lambda paths: _aggregate_files(tuple(paths))).copy()
+    return store.scan_parts(lambda paths: job_figures(worker_partials(tuple(paths))[0]))
 
 
-@functools.lru_cache(maxsize=1)
-def _aggregate_files(paths: tuple[Path, ...]) -> pd.DataFrame:
-    # A report prints the leaderboard, then writes CSVs: one read of the run serves both
-    # (part files never change once written; a new or removed one is a new key).
-    return aggregate_files(list(paths))
+def run_status(store: RunStore) -> tuple[pd.DataFrame, list]:
+    """(per (model, task) validation status, every expectation) of a run of per-request rows."""
+    from sweep.validate import job_status, validate
+
+    if (store.run_dir / AGGREGATES_FILE).is_file():
+        return pd.DataFrame(columns=["model", "task", "validation"]), []
+    expectations = validate(store)
+    return job_status(expectations), expectations
 
 
 def print_leaderboard(store: RunStore) -> None:
     agg = run_aggregates(store)
+    status, expectations = run_status(store)
+    agg = agg.merge(status, on=["model", "task"], how="left")
     set_aside = store.set_aside_files()
     if set_aside:
         print(f"{len(set_aside)} damaged file(s) set aside in {store.quarantine_dir}: their rows are not "
@@ -55,7 +59,8 @@ def print_leaderboard(store: RunStore) -> None:
     if agg.empty:
         print(f"{store.run_dir}: no results yet")
         return
-    cols = ["model", "backend", "parameters", "throughput", "response_length", "latency", "energy", "energy_per_token", "responses"]
+    cols = ["model", "backend", "parameters", "throughput", "response_length", "latency", "energy", "energy_per_token",
+            "responses", "validation"]
     fmt = {"parameters": "{:.3g}".format, "throughput": "{:.1f}".format, "response_length": "{:.1f}".format,
            "latency": "{:.2f}".format, "energy": "{:.1f}".format, "energy_per_token": "{:.3f}".format}
     for (gpu, task), g in agg.groupby(["gpu", "task"], sort=True):
@@ -70,6 +75,11 @@ def print_leaderboard(store: RunStore) -> None:
         print(f"\n{len(failures)} failed job(s):")
         for f in failures:
             print(f"  {f['model']} / {f['task']}: {f['error'].splitlines()[0][:200]}")
+    failed = [e for e in expectations if not e.passed]
+    if failed:
+        errors = sum(e.severity == "error" for e in failed)
+        print(f"\nvalidation: {errors} error(s), {len(failed) - errors} warning(s); "
+              f"details: python -m sweep validate {store.run_dir}")
 
 
 def write_csvs(store: RunStore, out_dir: str | Path) -> list[Path]:

@@ -4,6 +4,7 @@
     runs/<run_id>/prompts.parquet      prompt_id -> prompt text, for every prompt of the run
     runs/<run_id>/results/*.parquet    one row per request (the dataset)
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
+    runs/<run_id>/power/*.parquet      power timeline of each worker's GPUs (sweep/meters/timeline.py)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
     runs/<run_id>/locks/<job>.lock     held by the one process writing a job (the session's writer)
     runs/<run_id>/locks/driver.lock    held by the one driver writing the run
@@ -19,10 +20,28 @@ crash loses at most the request in flight, and no (model, task, prompt_id) is ev
 stored twice.
 
 Damage (a disk error, a file cut short by hand): every read of the dataset goes through
-`RunStore.read_parts`, which moves a part file it cannot read into `.quarantine/` with
+`RunStore.scan_parts`, which moves a part file it cannot read into `.quarantine/` with
 one warning line; its rows then count as not stored, so a resume measures them again.
 A manifest that is not a JSON object is set aside the same way. Log lines that are not
 rows are skipped and counted.
+
+Compaction: when a job ends, its part files (64 rows each) are merged into one
+`<slug>-<time>-<hex>.merged.parquet` that names, in its Parquet key-value metadata
+(`sweep:replaces`), every file it replaces. Steps: the merged file is written with
+`atomic_write` (durable before anything is removed), then the replaced files are removed.
+A reader (`part_files`) leaves out every file a merged file in the folder names, so at
+every instant (after a crash at any step too, before anything is cleaned up) each row is
+read exactly once: before the rename the merged file does not exist, after it the small
+files are hidden whether or not they are gone yet. Leftovers are removed by the next
+compaction of the job (at its next close, at the start of a session, `sweep compact`).
+A merged file lists everything of its job it covers, earlier merged files and their
+leftovers included, so files can be removed in any order.
+Chosen over swapping per-job directories (RENAME_EXCHANGE): the folder layout, the names
+of older runs' files and every reader stay as they were, no filesystem-specific call is
+needed, and the file describes itself. The cost: a reader that does not honour the list
+(pandas, pyarrow on the folder) sees a job's rows twice from the merged file's rename
+until the small files are removed (milliseconds, or until the next compaction after a
+crash in between).
 """
 
 from __future__ import annotations
@@ -53,6 +72,15 @@ FLUSH_ROWS = 64
 FLUSH_SECONDS = 30.0
 
 
+# A merged file's name ends so; its metadata lists the names of the files it replaces.
+MERGED_SUFFIX = ".merged.parquet"
+REPLACES_KEY = b"sweep:replaces"
+# <slug>-<time>-<hex>.parquet, or .merged.parquet; a slug ends with -<8 hex> (job_slug).
+_PART_NAME = re.compile(r"^(?P<slug>.+-[0-9a-f]{8})-\d{8}T\d{6}-[0-9a-f]{8}(?:\.merged)?\.parquet$")
+_TMP_NAME = re.compile(r"^\.(?P<final>.+)\.[0-9a-f]{32}\.tmp$")  # atomic_write's temporary files
+# A listing or read that raced a compaction is done again, at most this many times.
+SCAN_ATTEMPTS = 5
+
 QUARANTINE = ".quarantine"
 DRIVER_LOCK = "driver.lock"  # job locks are <slug>.lock, and a slug always ends in -<hash>
 
@@ -64,6 +92,22 @@ def job_slug(model: str, task: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{model}__{task}").lstrip("._-")[:80] or "job"
     digest = hashlib.sha1(f"{model}\0{task}".encode()).hexdigest()[:8]
     return f"{readable}-{digest}"
+
+
+def part_job(name: str) -> str | None:
+    """The job slug of a part file name that sweep wrote (None for any other name)."""
+    m = _PART_NAME.match(name)
+    return m["slug"] if m else None
+
+
+class PartsChanged(Exception):
+    """Some of the part files a reader was given are gone (a compaction replaced them, or a
+    reader set them aside): list the run's part files again."""
+
+
+# Merged file path -> names it replaces. Files are written once under a unique name, so
+# one read of the footer serves every later listing.
+_replaces_cache: dict[str, frozenset[str]] = {}
 
 
 class RunBusy(Exception):
@@ -98,12 +142,16 @@ def atomic_write(path: Path, write: Callable[[Path], Any]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
     try:
-        _fsync(path.parent)
-    except OSError as exc:  # some filesystems (FUSE, SMB) cannot fsync a folder: the file itself is safe
+        _fsync(path)
+    except OSError as exc:  # some filesystems (FUSE, SMB) cannot fsync a folder: the files themselves are safe
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
-    return path
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -125,6 +173,7 @@ class RunStore:
         self.results_dir = self.run_dir / "results"
         self.wal_dir = self.run_dir / "wal"
         self.failures_dir = self.run_dir / "failures"
+        self.power_dir = self.run_dir / "power"
         self.locks_dir = self.run_dir / "locks"
         self.quarantine_dir = self.run_dir / QUARANTINE
         self.manifest_path = self.run_dir / "manifest.json"
@@ -199,12 +248,51 @@ class RunStore:
             return empty
 
     # -- the dataset ------------------------------------------------------------------
+    def _names(self) -> set[str]:
+        """Names of the files a dataset reader (pandas, pyarrow) would read from results/."""
+        try:
+            with os.scandir(self.results_dir) as entries:  # no stat per file: a run may hold thousands
+                return {e.name for e in entries if not e.name.startswith((".", "_")) and e.is_file()}
+        except FileNotFoundError:
+            return set()
+
+    def _listing(self, names: set[str] | None = None) -> list[Path]:
+        paths = [self.results_dir / n for n in sorted(self._names() if names is None else names)]
+        return [p for p in paths if p not in self._damaged] if self._damaged else paths
+
+    def _replaced(self, listed: list[Path]) -> set[str]:
+        """Names of the files that the merged files among `listed` replace."""
+        replaced: set[str] = set()
+        for path in listed:
+            if not path.name.endswith(MERGED_SUFFIX):
+                continue
+            names = _replaces_cache.get(str(path))
+            if names is None:
+                try:
+                    meta = pq.read_metadata(path).metadata or {}
+                    names = frozenset(json.loads(meta.get(REPLACES_KEY, b"[]")))
+                except FileNotFoundError:  # replaced in turn meanwhile: the caller lists again
+                    continue
+                except (pa.ArrowException, ValueError, TypeError) as exc:
+                    what = str(exc).split(": ", 1)[-1].split(". ")[0][:120]
+                    self.set_aside(path, f"damaged part file ({what}), its rows count as not stored")
+                    continue
+                _replaces_cache[str(path)] = names
+            replaced |= names
+        return replaced
+
     def part_files(self) -> list[Path]:
-        """The files a dataset reader (pandas, pyarrow) would read from results/."""
-        if not self.results_dir.is_dir():
-            return []
-        return sorted(p for p in self.results_dir.iterdir()
-                      if not p.name.startswith((".", "_")) and p.is_file() and p not in self._damaged)
+        """The files that hold the dataset's rows, each row in exactly one: the Parquet
+        files of results/ less those a merged file there replaces."""
+        for _ in range(SCAN_ATTEMPTS):
+            names = self._names()
+            replaced = self._replaced(self._listing({n for n in names if n.endswith(MERGED_SUFFIX)}))
+            # A listing taken while a compaction renamed its merged file into place and
+            # removed the files it replaces may hold neither; the merged file is then in a
+            # second listing, and the first is taken again.
+            if not any(n.endswith(MERGED_SUFFIX) for n in self._names() - names):
+                break
+        return self._listing(names - replaced)
 
     def read_parts(self, columns: list[str] | None = None, filter=None, files: list[Path] | None = None) -> pa.Table:
         """Rows of the dataset (or of `files`) in RESULT_SCHEMA."""
@@ -218,21 +306,29 @@ class RunStore:
 
     def scan_parts(self, read: Callable[[list[Path]], Any], files: list[Path] | None = None) -> Any:
         """`read(part files)` over the dataset (or `files`): the one way it is read. A part
-        file that cannot be read is set aside, and the rest read again."""
-        try:
-            return read(self._candidates(files))
-        except (pa.ArrowException, OSError):
-            self._check_parts(self._candidates(files))
+        file that cannot be read is set aside, and the rest read again. A file gone before
+        it was read (compacted, set aside by another reader) makes a read of the dataset
+        list it again; one of `files` raises PartsChanged, for the caller to list again."""
+        for _ in range(SCAN_ATTEMPTS):
+            paths = self._candidates(files)
+            try:
+                return read(paths)
+            except (pa.ArrowException, OSError):
+                if all(p.exists() for p in paths) and not self._check_parts(paths):
+                    raise  # not the files' content (EIO, permissions): the caller's to see
+                if files is not None and not all(p.exists() for p in paths):
+                    raise PartsChanged(f"{self.results_dir}: part files changed while read") from None
         return read(self._candidates(files))
 
     def _candidates(self, files: list[Path] | None) -> list[Path]:
         paths = self.part_files() if files is None else files
-        return [p for p in paths if p not in self._damaged and (files is None or p.exists())]
+        return [p for p in paths if p not in self._damaged]
 
-    def _check_parts(self, paths: list[Path]) -> None:
-        """Read each file on its own and set aside those whose content is damaged. A file
-        that cannot be read from disk at all (EIO, permissions) stays: that is not the
-        file's content, and the error is the caller's to see."""
+    def _check_parts(self, paths: list[Path]) -> int:
+        """Read each file on its own and set aside those whose content is damaged; returns
+        how many. A file that cannot be read from disk at all (EIO, permissions) stays:
+        that is not the file's content, and the error is the caller's to see."""
+        damaged = 0
         for path in paths:
             try:
                 data = path.read_bytes()
@@ -244,6 +340,8 @@ class RunStore:
                 # pyarrow: "Could not open Parquet input source '<Buffer>': Parquet magic bytes not found..."
                 what = str(exc).split(": ", 1)[-1].split(". ")[0][:120] if data else "0 bytes"
                 self.set_aside(path, f"damaged part file ({what}), its rows count as not stored")
+                damaged += 1
+        return damaged
 
     def _dataset_ids(self, model: str | None, task: str | None) -> dict[tuple[str, str], set[str]]:
         """{(model, task): prompt ids in the Parquet dataset}, optionally for one job."""
@@ -274,6 +372,116 @@ class RunStore:
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         table = _rows_to_table(rows)
         return atomic_write(self.results_dir / name, lambda tmp: pq.write_table(table, tmp))
+
+    def write_power_part(self, samples: pa.Table, slug: str) -> Path:
+        """Power samples (POWER_SCHEMA), as a part file of runs/<id>/power/."""
+        self.power_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        return atomic_write(self.power_dir / name, lambda tmp: pq.write_table(samples, tmp))
+
+    def power_files(self) -> list[Path]:
+        """The power timeline's files, less those a merged file replaces (as part_files)."""
+        try:
+            names = {n for n in os.listdir(self.power_dir) if n.endswith(".parquet") and not n.startswith((".", "_"))}
+        except FileNotFoundError:
+            return []
+        replaced: set[str] = set()
+        for name in names:
+            if name.endswith(MERGED_SUFFIX):
+                try:
+                    meta = pq.read_metadata(self.power_dir / name).metadata or {}
+                    replaced |= set(json.loads(meta.get(REPLACES_KEY, b"[]")))
+                except FileNotFoundError:
+                    continue
+                except (pa.ArrowException, ValueError, TypeError):
+                    self.set_aside(self.power_dir / name, "damaged power timeline file")
+        return sorted(self.power_dir / n for n in names - replaced if (self.power_dir / n).exists())
+
+    def read_power(self, filter=None, files: list[Path] | None = None) -> pa.Table:
+        """The power timeline (POWER_SCHEMA), of `files` or of the whole run; a damaged
+        file is set aside."""
+        from sweep.meters.timeline import POWER_SCHEMA
+
+        tables = []
+        for path in self.power_files() if files is None else files:
+            try:
+                tables.append(pq.read_table(path, schema=POWER_SCHEMA, filters=filter))
+            except FileNotFoundError:  # merged meanwhile
+                continue
+            except (pa.ArrowException, OSError):
+                self.set_aside(path, "damaged power timeline file")
+        return pa.concat_tables(tables).replace_schema_metadata(None) if tables else POWER_SCHEMA.empty_table()
+
+    def compact_power(self, slug: str) -> None:
+        """A job's power files into one, as `compact` does for its rows (the merged file
+        names the files it replaces, and is durable before they go)."""
+        mine = [p for p in self.power_files() if part_job(p.name) == slug]
+        if len(mine) < 2:
+            return
+        table = pa.concat_tables(pq.read_table(p) for p in mine)
+        table = table.replace_schema_metadata({REPLACES_KEY: json.dumps(sorted(p.name for p in mine)).encode()})
+        name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{MERGED_SUFFIX}"
+        atomic_write(self.power_dir / name, lambda tmp: pq.write_table(table, tmp))
+        for path in mine:
+            path.unlink(missing_ok=True)
+        _fsync_dir(self.power_dir)
+
+    def compact(self, slug: str) -> int:
+        """Merge job `slug`'s part files into one and remove them; returns how many files
+        were removed. The caller holds the job's lock (no rows are added meanwhile). The
+        merged file is durable before any file goes; if writing it fails (a full disk),
+        the part files stay as they were. Files that sweep did not name are left alone."""
+        listed = self._listing()
+        replaced = self._replaced(listed)
+        mine = [p for p in listed if part_job(p.name) == slug and p not in self._damaged]
+        visible = [p for p in mine if p.name not in replaced]
+        gone = [p for p in mine if p.name in replaced]  # left by a compaction that stopped before removing them
+        if len(visible) > 1:
+            # Oldest file first, so rows keep the order in which they were written (names
+            # made within one second sort by their random part).
+            visible.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
+            table = self.scan_parts(lambda paths: pa.concat_tables(
+                [pq.read_table(p, schema=RESULT_SCHEMA) for p in paths]), files=visible)
+            # Every file of the job it covers, so that none of them reappears whichever goes first.
+            names = sorted(p.name for p in visible + gone)
+            table = table.replace_schema_metadata({REPLACES_KEY: json.dumps(names).encode()})
+            name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{MERGED_SUFFIX}"
+            atomic_write(self.results_dir / name, lambda tmp: pq.write_table(table, tmp))
+            gone += visible
+        for path in gone:
+            path.unlink(missing_ok=True)
+        if gone:
+            _fsync_dir(self.results_dir)
+        # Temporary files of this job's writes that a crash cut short (no reader lists
+        # them; nobody else writes this job while its lock is held).
+        for path in self.results_dir.glob(".*.tmp"):
+            m = _TMP_NAME.match(path.name)
+            if m and part_job(m["final"]) == slug:
+                path.unlink(missing_ok=True)
+        self.compact_power(slug)
+        return len(gone)
+
+    def compact_run(self, skip: set[str] = frozenset()) -> tuple[int, int, list[str]]:
+        """Compact every job of the run whose slug is not in `skip` and whose lock is free
+        (a job being written is compacted when it closes). Returns (jobs compacted, files
+        removed, jobs left busy). A job that cannot be compacted (disk full) is skipped
+        with a warning: its part files stay and are read as they are."""
+        slugs = sorted({s for p in self._listing() if (s := part_job(p.name)) and s not in skip})
+        compacted = removed = 0
+        busy = []
+        for slug in slugs:
+            try:
+                with self.job_lock(slug, timeout_s=0):
+                    n = self.compact(slug)
+            except TimeoutError:
+                busy.append(slug)
+                continue
+            except (OSError, pa.ArrowException, PartsChanged) as exc:
+                warn(f"{self.results_dir}: job {slug} not compacted ({exc}); its part files are read as they are")
+                continue
+            compacted += n > 0
+            removed += n
+        return compacted, removed, busy
 
     def read_results(self):
         """All stored rows as a pandas DataFrame (empty, with the schema, if none)."""
@@ -425,6 +633,10 @@ class JobWriter:
         self._pending.append(row)
         if len(self._pending) >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
+
+    def append_power(self, samples: pa.Table) -> None:
+        """Power samples are written at once: a worker sends them every ~30 s."""
+        self.store.write_power_part(samples, self.slug)
 
     def flush(self) -> None:
         if self._pending:

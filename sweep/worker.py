@@ -18,12 +18,15 @@ from typing import Any
 
 from sweep.config import ModelSpec, TasksFile
 from sweep.prompts import Prompt
+from sweep.quality import mean_power_w, row_flags
 from sweep.record import ResultRow
 from sweep.store import is_disk_full
 
 # A job still held by a writer of a killed driver is asked for again this often, this long.
 OPEN_RETRY_S = 0.5
 OPEN_TIMEOUT_S = 300.0
+# Power samples reach the store at least this often (and when a job ends).
+POWER_WRITE_S = 30.0
 
 
 def request_seed(seed: int, task: str, prompt_id: str) -> int:
@@ -48,6 +51,19 @@ def _device_info(num_gpus: int) -> dict[str, Any]:
         except Exception:
             pass
     return info
+
+
+def _start_timeline(num_gpus: int, device: dict):
+    """The worker's power timeline, or None (with a warning) where Zeus cannot record one:
+    the energy counter still measures every request."""
+    from sweep.meters.timeline import PowerTimeline
+
+    physical = [int(i) if str(i).isdigit() else n for n, i in enumerate(device.get("gpu_indices", []))]
+    try:
+        return PowerTimeline(num_gpus, physical or list(range(num_gpus)), device["host"])
+    except Exception as exc:
+        print(f"warning: no power timeline ({type(exc).__name__}: {exc}); prefill/decode energy stays empty", flush=True)
+        return None
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -77,6 +93,9 @@ class RemoteJob:
     def append(self, row: dict) -> None:
         self._ray.get(self.writer.append.remote(self.model, self.task, self.token, row))
 
+    def append_power(self, samples) -> None:
+        self._ray.get(self.writer.append_power.remote(self.model, self.task, self.token, samples))
+
     def close(self) -> None:
         self._ray.get(self.writer.close_job.remote(self.model, self.task, self.token))
 
@@ -94,6 +113,8 @@ class Worker:
         self.hub = hub
         self.backend = None
         self.meter = None
+        self.timeline = None  # PowerTimeline of the worker's GPUs, when there are GPUs
+        self._power_written_at = 0.0
         self.idle_power_w: float | None = None
         self.device = _device_info(num_gpus)
 
@@ -101,13 +122,15 @@ class Worker:
         import torch
 
         from sweep.backends import load_backend
-        from sweep.meter import EnergyMeter
+        from sweep.meters.zeus import EnergyMeter
 
         if not self.num_gpus:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
         self.backend = load_backend(self.spec, self.tasks.generation, device)
         self.meter = EnergyMeter(self.num_gpus if device == "cuda" else 0)
+        if self.meter.available:
+            self.timeline = _start_timeline(self.num_gpus, self.device)
         # Warm-up (not stored): first CUDA kernels, allocator growth, static-cache compile.
         for p in prompts[: self.tasks.generation.warmup_requests]:
             self.backend.generate(system_prompt, p.text, seed=0)
@@ -130,6 +153,10 @@ class Worker:
                 for prompt in todo:
                     self.serve(job, task_name, system_prompt, prompt)
             finally:
+                try:
+                    self._write_power(job, task_name)
+                except Exception as exc:  # samples are lost, never the rows: the job still closes
+                    print(f"warning: power samples of {model} / {task_name} not stored: {exc}", flush=True)
                 job.close()
         except Exception as exc:
             cause = _cause(exc)  # a full disk at the writer reads as OSError(ENOSPC) here too
@@ -144,6 +171,16 @@ class Worker:
         RemoteJob, or a store's JobWriter), counted."""
         writer.append(self._measure(task, system_prompt, prompt))
         self.hub.advance.remote(self.spec.name, task)
+        if time.monotonic() - self._power_written_at >= POWER_WRITE_S:
+            self._write_power(writer, task)
+
+    def _write_power(self, writer, task: str) -> None:
+        """The power samples taken since the last write, into the run's power/ folder."""
+        self._power_written_at = time.monotonic()
+        if self.timeline is not None:
+            samples = self.timeline.take(self.spec.name, task)
+            if samples.num_rows:
+                writer.append_power(samples)
 
     def _measure(self, task: str, system_prompt: str, prompt: Prompt) -> dict[str, Any]:
         started_at = datetime.now(timezone.utc)
@@ -152,6 +189,15 @@ class Worker:
         reading = self.meter.end(prompt.prompt_id)
         energy = reading.energy_j
         g, b = self.tasks.generation, self.backend
+        prefill_j = decode_j = None
+        if self.timeline is not None and out.ttft_s is not None:
+            first_token = reading.start_unix_s + out.ttft_s
+            prefill_j = self.timeline.energy_j(reading.start_unix_s, first_token)
+            decode_j = self.timeline.energy_j(first_token, reading.end_unix_s)
+        flags = row_flags(metered=self.meter.available, window_s=reading.time_s, energy_j=energy,
+                          zero_counter=reading.zero_counter, counter_reset=reading.counter_reset,
+                          idle_power_w=self.idle_power_w, power_limit_w=self.meter.power_limit_w,
+                          stop_reason=out.stop_reason, prompt_truncated=out.prompt_truncated)
         return ResultRow(
             run_id=self.run_id,
             model=self.spec.name,
@@ -189,4 +235,11 @@ class Worker:
             cache_implementation=b.effective.cache_implementation,
             compiled=b.effective.compiled,
             steps_past_stop=out.steps_past_stop,
+            quality_flags=flags,
+            window_s=reading.time_s,
+            mean_power_w=mean_power_w(energy, reading.time_s),
+            power_limit_w=self.meter.power_limit_w,
+            prefill_energy_j=prefill_j,
+            decode_energy_j=decode_j,
+            energy_split_method=self.timeline.method if prefill_j is not None else None,
         ).to_dict()

@@ -11,6 +11,11 @@ its driver, so a quick rerun's writer waits for them (`open_job` answers "busy" 
 worker asks again) instead of two sessions writing one job. Every opening gets a fresh
 token: rows from a worker whose job was handed to another worker (it was presumed dead)
 are refused, never stored twice.
+
+When a job closes, its part files are compacted into one (RunStore.compact), under the
+job's lock, before it is released: at most a few files per job once a sweep is done,
+and a reader sees every row once throughout. Compaction is tidying, never a reason to
+fail a job: if it cannot be done (a full disk), the part files stay, with a warning.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep.store import JobWriter, RunStore, job_slug
+from sweep.store import JobWriter, RunStore, job_slug, warn
 
 
 class StaleJob(Exception):
@@ -83,14 +88,20 @@ class RunWriter:
         """Store one row; returns once it is in the write-ahead log, fsync'ed."""
         self._job(model, task, token).writer.append(row)
 
+    def append_power(self, model: str, task: str, token: int, samples) -> None:
+        """Store power samples (a pyarrow Table) of the job's worker."""
+        self._job(model, task, token).writer.append_power(samples)
+
     def close_job(self, model: str, task: str, token: int) -> None:
-        """The job's rows into Parquet, its log removed, its lock released."""
+        """The job's rows into Parquet, its log removed, its part files compacted, its lock
+        released."""
         self._job(model, task, token)
-        self._release(job_slug(model, task))
+        self._release(job_slug(model, task), compact=True)
 
     def close_all(self) -> int:
         """End of the session: every open job closed (rows of workers that died or were
-        stopped reach Parquet now). Returns how many were open."""
+        stopped reach Parquet now; such a job is compacted when it ends, in a later
+        session, so that a stop stays quick). Returns how many were open."""
         slugs = list(self._jobs)
         for slug in slugs:
             self._release(slug)
@@ -105,11 +116,17 @@ class RunWriter:
             raise StaleJob(f"{model} / {task}: this worker no longer holds the job")
         return job
 
-    def _release(self, slug: str) -> None:
+    def _release(self, slug: str, compact: bool = False) -> None:
         job = self._jobs.pop(slug, None)
         if job is not None:
             with job.held:  # the lock goes even when the last flush fails (disk full)
                 job.writer.close()
+                if compact:
+                    try:
+                        self.store.compact(slug)
+                    except Exception as exc:  # the rows are stored either way
+                        warn(f"{self.store.results_dir}: job {slug} not compacted ({type(exc).__name__}: {exc}); "
+                             f"its part files are read as they are, and compacted at the next session")
 
 
 def start_writer(run_dir: str | Path, run_id: str, driver_lock_text: str):

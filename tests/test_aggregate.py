@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from sweep.aggregate import BACKEND_WHEN_ABSENT, KEYS, finish, gpu_short_name, partials, results_dataset
+from sweep.quality import ENERGY_FLAGS
 from sweep.record import RESULT_SCHEMA
 from sweep.report import run_aggregates
 from sweep.store import RunStore, job_slug
@@ -25,6 +26,9 @@ def pandas_aggregate(df: pd.DataFrame) -> pd.DataFrame:
         e = m["energy_j"].to_numpy(float)
         half = stats.t.ppf(0.975, len(e) - 1) * e.std(ddof=1) / np.sqrt(len(e)) if len(e) >= 2 else np.nan
         tokens = m["response_tokens"].sum()
+        d = m[m["decode_energy_j"].notna()]
+        decode_tokens = (d["response_tokens"] - 1).clip(lower=0).sum()
+        flags = m["quality_flags"].map(lambda f: set(f) if f is not None else set())
         out.append(dict(
             zip(KEYS, key), model_path=g["model_path"].iloc[0], parameters=g["params_b"].iloc[0], responses=len(g),
             measured=len(m), energy=e.mean() if len(e) else np.nan,
@@ -33,6 +37,13 @@ def pandas_aggregate(df: pd.DataFrame) -> pd.DataFrame:
             energy_above_idle=m["energy_above_idle_j"].mean() if len(m) else np.nan,
             throughput=g["throughput_tok_s"].mean(), response_length=g["response_tokens"].mean(),
             latency=g["latency_s"].mean(), ttft=g["ttft_s"].mean(),
+            prefill_energy=m["prefill_energy_j"].mean(), decode_energy=d["decode_energy_j"].mean(),
+            decode_energy_per_token=d["decode_energy_j"].sum() / decode_tokens if decode_tokens else np.nan,
+            mean_power=m["mean_power_w"].mean(), idle_power=g["idle_power_w"].mean(),
+            power_limit=g["power_limit_w"].mean(),
+            flagged_share=flags.map(lambda f: bool(f & set(ENERGY_FLAGS))).mean() if len(m) else np.nan,
+            coarse_share=flags.map(lambda f: "coarse_window" in f).mean() if len(m) else np.nan,
+            energy_missing=int((g["energy_j"].isna() & g["energy_note"].isna()).sum()),
             energy_note=None if len(m) else next(iter(g["energy_note"].dropna()), None)))
     return pd.DataFrame(out)
 

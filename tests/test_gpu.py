@@ -78,6 +78,46 @@ def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_one_step_lat
     assert c.steps_past_stop == 1  # the next step was already queued when the host read the stop
 
 
+@one_gpu
+def test_validate_timeline_and_prefill_decode_split_on_one_gpu(tmp_path):
+    """A 1.1B run that validates; its power timeline splits each request's energy into
+    prefill and decode, which add up to the counter's energy; 4-token responses are
+    flagged coarse."""
+    from sweep.store import RunStore
+
+    models = write_yaml(tmp_path / "models.yaml", {"models": [
+        {"name": "hf", "path": "random:tinyllama-1.1b", "conv_template": "vicuna_v1.1"}]})
+    tasks = tasks_yaml(tmp_path, tasks=("chat",), max_new_tokens=256, warmup_requests=2)
+    runs = tmp_path / "runs"
+    proc = run_sweep_cli("--config", models, "--tasks", tasks, "--out", runs, "--run-id", "v", "--max-prompts", "8",
+                         "--no-dashboard", "--no-progress")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check = run_sweep_cli("validate", runs / "v")
+    print(check.stdout)
+    assert check.returncode == 0, check.stdout
+    df = pd.read_parquet(runs / "v" / "results")
+    assert df["energy_split_method"].notna().all() and df["power_limit_w"].gt(0).all()
+    power = RunStore(runs / "v").read_power().to_pandas()
+    assert power["power_w"].notna().sum() > 10 and (power["gpu_index"] == df["gpu_index"].iloc[0]).all()
+    long = df[df["window_s"] > 2.0]
+    assert len(long) >= 4, df["window_s"].tolist()
+    split = long["prefill_energy_j"] + long["decode_energy_j"]
+    off = (split / long["energy_j"] - 1).abs()
+    print("timeline vs counter on windows over 2 s: sum", f"{split.sum() / long['energy_j'].sum() - 1:+.2%}",
+          "per row max", f"{off.max():.2%}", "prefill J", long["prefill_energy_j"].round(2).tolist())
+    assert split.sum() == pytest.approx(long["energy_j"].sum(), rel=0.03)
+    assert (long["prefill_energy_j"] < long["decode_energy_j"]).all()
+
+    proc = run_sweep_cli("--config", models, "--tasks", tasks, "--out", runs, "--run-id", "short", "--max-prompts", "8",
+                         "--max-new-tokens", "4", "--no-dashboard", "--no-progress")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    short = pd.read_parquet(runs / "short" / "results")
+    assert short["quality_flags"].map(lambda f: "coarse_window" in f).all()
+    check = run_sweep_cli("validate", runs / "short")
+    print(check.stdout)
+    assert "WARNING  flagged_share" in check.stdout
+
+
 @two_gpus
 def test_energy_is_attributed_to_the_workers_own_gpu(tmp_path):
     models = write_yaml(tmp_path / "models.yaml", {"models": [

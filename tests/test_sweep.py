@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from sweep.store import RunStore
@@ -156,6 +157,8 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     assert at_kill <= set(zip(df["model"], df["prompt_id"]))
     new = int(rerun.stdout.split("Stored ")[1].split()[0])
     assert new <= 60 - len(at_kill)
+    # each job ended in one file: its part files from both sessions compacted when it closed
+    assert sorted(p.name.split("__")[0] for p in (run_dir / "results").iterdir()) == ["small-llama2", "tiny-vicuna"]
     for p in ray_processes:  # Ray's daemons outlive a SIGKILLed driver: tidy up
         try:
             p.kill()
@@ -235,3 +238,34 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_finishes(tmp_path):
     df = pd.read_parquet(run_dir / "results")
     assert len(df) == 60 and not df.duplicated(["model", "task", "prompt_id"]).any()
     assert at_stop <= set(zip(df["model"], df["prompt_id"]))
+
+
+def test_validate_a_complete_run_then_damaged_copies(default_run, tmp_path):
+    import shutil
+
+    _, run_dir, _ = default_run
+    df = pd.read_parquet(run_dir / "results")
+    # rows cut at max_new_tokens say so; CPU rows carry no energy flags
+    assert (df["quality_flags"].map(list) == df["stop_reason"].map(lambda r: ["max_new_tokens"] if r == "length" else [])).all()
+    proc = run_sweep_cli("validate", run_dir)
+    assert proc.returncode == 0 and "PASSED: 0 error(s)" in proc.stdout, proc.stdout + proc.stderr
+    assert "ok       complete           4/4 passed" in proc.stdout
+    report = run_sweep_cli("report", run_dir)
+    assert " validation" in report.stdout and " ok" in report.stdout
+
+    missing = shutil.copytree(run_dir, tmp_path / "missing")
+    part = sorted((missing / "results").glob("small-llama2__instruct*.parquet"))[0]
+    lost = pq.read_table(part).num_rows
+    part.unlink()
+    proc = run_sweep_cli("validate", missing)
+    assert proc.returncode == 1, proc.stdout
+    assert f"ERROR    complete           small-llama2 / instruct: {6 - lost} of 6 prompts stored, {lost} missing" in proc.stdout
+
+    twice = shutil.copytree(run_dir, tmp_path / "twice")
+    part = sorted((twice / "results").glob("tiny-vicuna__chat*.parquet"))[0]
+    shutil.copy(part, part.with_name("tiny-vicuna__chat-copy.parquet"))
+    proc = run_sweep_cli("validate", twice, "--json")
+    assert proc.returncode == 1
+    failed = [e for e in json.loads(proc.stdout) if not e["passed"]]
+    assert [(e["check"], e["model"], e["task"]) for e in failed] == [("stored_once", "tiny-vicuna", "chat")]
+    assert f"{pq.read_table(part).num_rows} duplicated" in failed[0]["message"]

@@ -1,8 +1,12 @@
-"""The page in headless Chromium: filters, a formula column, plots, live refresh, CSV."""
+"""The page in headless Chromium: filters, a formula column, plots, live refresh, CSV,
+the verbosity numbers, model detail and compare, an empty folder and a CPU-only folder.
+Screenshots go to artifacts/; page load and filter-change times and the bytes an idle
+tab receives are printed (pytest -s) and written to artifacts/ui-timings.txt."""
 
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -10,18 +14,34 @@ import pytest
 
 from sweep.store import job_slug
 from tests.helpers import ROOT, make_run, synthetic_rows
-from ui.app import build_app
+from ui.app import CSS, build_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(os.environ.get("SWEEP_TEST_ARTIFACTS", ROOT / "artifacts"))
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make browser)")]
+CPU_NOTE = "no GPU energy counter (CPU run)"
+TIMINGS = {}
 
 
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _cpu_rows(run_id, model, task, tokens, latency):
+    rows = synthetic_rows(run_id, model, task, [None] * len(tokens), tokens, gpu_name="CPU", latency=latency,
+                          params_b=0.000355)
+    return [{**r, "gpu_index": None, "energy_note": CPU_NOTE, "energy_above_idle_j": None, "idle_power_w": None}
+            for r in rows]
+
+
+def _serve(root, refresh_s):
+    port = _free_port()
+    demo = build_app(root, refresh_s=refresh_s)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS)
+    return demo, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -33,24 +53,39 @@ def app(tmp_path_factory):
         synthetic_rows("demo", "beta-13b", "chat", [900.0, 1000.0, 950.0], [400, 420, 410], params_b=13),
         synthetic_rows("demo", "beta-13b", "chat-concise", [700.0, 720.0, 710.0], [300, 310, 305], params_b=13),
     ])
-    port = _free_port()
-    demo = build_app(root, refresh_s=1.0)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    yield f"http://127.0.0.1:{port}", store
+    # A CPU run beside it (sorts first by name): the page opens on the GPU with energy and
+    # the model detail on the run with energy.
+    make_run(root, "a-cpu", [_cpu_rows("a-cpu", "tiny", "chat", [16, 16], [0.5, 0.6])])
+    demo, url = _serve(root, refresh_s=1.0)
+    yield url, store
     demo.close()
 
 
 @pytest.fixture(scope="module")
-def page(app):
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1100})
-        pg.goto(app[0])
-        yield pg
-        browser.close()
+        yield b
+        b.close()
+    if TIMINGS:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        text = "".join(f"{k}: {v}\n" for k, v in TIMINGS.items())
+        (ARTIFACTS / "ui-timings.txt").write_text(text)
+        print("\n" + text)
+
+
+@pytest.fixture(scope="module")
+def page(app, browser):
+    pg = browser.new_page(viewport={"width": 1214, "height": 1000})  # the issue's page width
+    t0 = time.perf_counter()
+    pg.goto(app[0])
+    _wait_text(pg, "#leaderboard", "beta-13b")
+    TIMINGS["page load to leaderboard shown (s)"] = round(time.perf_counter() - t0, 2)
+    yield pg
+    pg.close()
 
 
 def _wait_text(page, selector, text, timeout=20000):
@@ -59,31 +94,56 @@ def _wait_text(page, selector, text, timeout=20000):
                            arg=[selector, text], timeout=timeout)
 
 
-def _table_text(page):
-    return page.locator("#leaderboard").inner_text()
+def _text(page, selector):
+    return page.locator(selector).inner_text()
 
 
-def test_leaderboard_filter_formula_plot_live(app, page, tmp_path):
+def _shot(page, name):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+def _drawn(page, elem_id, timeout=20000):
+    page.locator(f"#{elem_id} canvas, #{elem_id} svg.marks").first.wait_for(timeout=timeout)
+
+
+def test_leaderboard_filter_formula_plot_live(app, page):
     url, store = app
-    _wait_text(page, "#leaderboard", "beta-13b")
-    text = _table_text(page)
+    text = _text(page, "#leaderboard")
     assert "alpha-7b" in text and "320" in text and "950" in text  # chat task by default
-    # sorted by energy: alpha (320 J) before beta (950 J)
-    assert text.index("alpha-7b") < text.index("beta-13b")
-    # hub links for hub ids
+    # one GPU by default (the one with energy): the CPU run's model is not ranked with them
+    assert "tiny" not in text and page.locator("#gpus-filter input:checked").count() == 1
+    assert text.index("alpha-7b") < text.index("beta-13b")  # sorted by energy: 320 J before 950 J
+    assert "Ranked by energy (J), lowest first" in page.locator("#leaderboard").inner_text()
+    assert "7B" in text and "13B" in text  # parameters with their unit
     assert page.locator("#leaderboard a[href='https://huggingface.co/org/alpha-7b']").count() >= 1
+    # the table fits the page: no horizontal scrolling
+    right = page.evaluate("() => Math.max(...[...document.querySelectorAll('#leaderboard [role=gridcell]')]"
+                          ".map(c => c.getBoundingClientRect().right))")
+    assert 0 < right <= page.evaluate("() => document.documentElement.clientWidth"), right
+
+    # tick a second GPU: its rows join, and the notice says why they have no energy
+    t0 = time.perf_counter()
+    page.locator("#gpus-filter").get_by_text("CPU").click()
+    _wait_text(page, "#leaderboard", "tiny")
+    TIMINGS["filter change (GPU) to table updated (s)"] = round(time.perf_counter() - t0, 2)
+    _wait_text(page, "#energy-notice", CPU_NOTE)
+    page.locator("#gpus-filter").get_by_text("CPU").click()
+    page.wait_for_function("() => !(document.querySelector('#leaderboard')?.innerText || '').includes('tiny')")
 
     # change a filter: the concise task
+    t0 = time.perf_counter()
     page.locator("#task-filter").get_by_text("chat-concise").click()
     _wait_text(page, "#leaderboard", "710")
-    assert "950" not in _table_text(page)
+    TIMINGS["filter change (task) to table updated (s)"] = round(time.perf_counter() - t0, 2)
+    assert "950" not in _text(page, "#leaderboard")
 
     # a refused formula changes nothing
     page.locator("#col-name textarea, #col-name input").first.fill("evil")
     page.locator("#col-formula textarea, #col-formula input").first.fill("__import__('os').system('true')")
     page.locator("#add-col").click()
     _wait_text(page, "#col-msg", "Formula refused")
-    assert "evil" not in _table_text(page)
+    assert "evil" not in _text(page, "#leaderboard")
 
     # a good formula adds a column: J per 100 tokens (alpha concise: 160 J / 95 tokens)
     page.locator("#col-name textarea, #col-name input").first.fill("J_per_100_tok")
@@ -96,17 +156,18 @@ def test_leaderboard_filter_formula_plot_live(app, page, tmp_path):
     store.write_part(synthetic_rows("demo", "gamma-3b", "chat-concise", [50.0, 60.0], [40, 50], params_b=3),
                      job_slug("gamma-3b", "chat-concise"))
     _wait_text(page, "#leaderboard", "gamma-3b")
-    text = _table_text(page)
+    text = _text(page, "#leaderboard")
     assert text.index("gamma-3b") < text.index("alpha-7b")  # 55 J: now first
+    _shot(page, "ui-leaderboard.png")
 
-    # plots render
+    # plots render, coloured by GPU, with a log scale on request
     page.get_by_role("tab", name="Plots").click()
-    page.locator("#scatter canvas, #scatter svg").first.wait_for(timeout=20000)
-    page.locator("#pareto canvas, #pareto svg").first.wait_for(timeout=20000)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "ui-plots.png"), full_page=True)
+    _drawn(page, "scatter")
+    _drawn(page, "pareto")
+    page.locator("#log input").check()
+    _drawn(page, "scatter")
+    _shot(page, "ui-plots.png")
     page.get_by_role("tab", name="Leaderboard").click()
-    page.screenshot(path=str(ARTIFACTS / "ui-leaderboard.png"), full_page=True)
 
     # the CSV download holds the filtered table, custom column included
     with page.expect_download() as dl:
@@ -116,15 +177,118 @@ def test_leaderboard_filter_formula_plot_live(app, page, tmp_path):
     assert "J_per_100_tok" in csv.columns
 
 
-def test_verbosity_and_detail_views(app, page):
+def test_an_idle_tab_receives_next_to_nothing(app, page):
+    """Nothing changes in the folder: the timer (every 1 s here) sends no view again."""
+    page.wait_for_timeout(2500)  # let the last change settle
+    cdp = page.context.new_cdp_session(page)
+    received = []
+    cdp.on("Network.dataReceived", lambda e: received.append(e["dataLength"]))
+    cdp.send("Network.enable")
+    window = 6.0
+    page.wait_for_timeout(window * 1000)
+    cdp.send("Network.disable")
+    per_tick = sum(received) / window
+    TIMINGS["idle tab, bytes received per refresh tick"] = round(per_tick)
+    TIMINGS["idle tab, bytes received per 30 s at the default 5 s refresh"] = round(per_tick * 6)
+    assert received, "the timer did not tick"
+    assert per_tick < 2000, received  # a full table and charts are tens of KB
+
+
+def test_verbosity_numbers_match_a_hand_computation(page):
     page.get_by_role("tab", name="Verbosity").click()
     _wait_text(page, "#verbosity", "alpha-7b")
-    verb = page.locator("#verbosity")
-    # alpha: 320 J -> 160 J under the concise prompt: 50% saved
-    assert "50" in verb.inner_text()
+    _wait_text(page, "#verbosity", "beta-13b")
+    # the table as the page shows it: the header cells, then the rows, one cell a line
+    cells = [c.strip() for c in page.locator("#verbosity").inner_text().split("\n") if c.strip()]
+    width = cells.index("energy saved %") + 1
+    headers, body = cells[:width], cells[width:]
+    rows = {r[headers.index("model")]: r for r in (body[i:i + width] for i in range(0, len(body), width))}
+    energy, length = headers.index("energy saved %"), headers.index("length saved %")
+    # by hand: alpha 320 J -> 160 J, 210 -> 95 tokens; beta 950 J -> 710 J, 410 -> 305 tokens
+    assert float(rows["alpha-7b"][energy]) == round(100 * (1 - 160 / 320), 1) == 50.0
+    assert float(rows["beta-13b"][energy]) == round(100 * (1 - 710 / 950), 1) == 25.3
+    assert float(rows["alpha-7b"][length]) == round(100 * (1 - 95 / 210), 1) == 54.8
+    assert float(rows["beta-13b"][length]) == round(100 * (1 - 305 / 410), 1) == 25.6
+    _drawn(page, "verb-plot")
+    _shot(page, "ui-verbosity.png")
+
+
+def test_detail_opens_on_energy_and_follows_the_run(page):
     page.get_by_role("tab", name="Model detail").click()
-    # the one per-request run is picked by default, with its first model and the chat task
-    _wait_text(page, "body", "prompt number 0")
+    # the run with energy is picked by default, with its first model and the chat task
+    _wait_text(page, "#detail-summary", "alpha-7b / chat")
+    _wait_text(page, "#detail-summary", "energy 320.0 J")
     _wait_text(page, "body", "answer 0 of alpha-7b")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "ui-detail.png"), full_page=True)
+    _drawn(page, "detail-energy")
+    # to the CPU run: no energy, and why
+    page.locator("#detail-run input").click()
+    page.get_by_role("option", name="a-cpu").click()
+    _wait_text(page, "#detail-summary", "energy not measured")
+    _wait_text(page, "#detail-energy-note", CPU_NOTE)
+    # and back: the energy histogram is drawn again at once
+    page.locator("#detail-run input").click()
+    page.get_by_role("option", name="demo").click()
+    _wait_text(page, "#detail-summary", "energy 320.0 J")
+    _drawn(page, "detail-energy")
+    _shot(page, "ui-detail.png")
+
+
+def test_a_row_click_opens_that_models_detail_and_compare(page):
+    page.get_by_role("tab", name="Leaderboard").click()
+    page.locator("#task-filter").get_by_text("chat", exact=True).click()
+    _wait_text(page, "#leaderboard", "950")
+    page.locator("#leaderboard [role=gridcell]").get_by_text("950", exact=True).first.click()  # beta-13b's energy
+    _wait_text(page, "#detail-summary", "beta-13b / chat")
+    page.get_by_role("tab", name="Compare").click()
+    _drawn(page, "compare-energy")
+    _wait_text(page, "#compare-table", "beta-13b")
+    assert "alpha-7b" in _text(page, "#compare-table")
+    _shot(page, "ui-compare.png")
+    page.get_by_role("tab", name="Under limits").click()
+    _wait_text(page, "#limits-table", "alpha-7b")
+    page.get_by_role("tab", name="About").click()
+    _wait_text(page, "#about-runs", "demo")
+    assert "batch size 1" in page.locator("body").inner_text()
+
+
+def test_an_empty_folder_says_how_to_make_a_run(tmp_path, browser):
+    demo, url = _serve(tmp_path, refresh_s=1.0)
+    try:
+        pg = browser.new_page(viewport={"width": 1214, "height": 900})
+        pg.goto(url)
+        _wait_text(pg, "#live-status", "No runs yet")
+        pg.wait_for_timeout(2500)  # a few refreshes: still no error anywhere
+        assert "Error" not in pg.locator("body").inner_text()
+        _shot(pg, "ui-empty.png")
+        pg.close()
+    finally:
+        demo.close()
+
+
+def test_a_cpu_only_folder_says_why_energy_is_empty(tmp_path, browser):
+    make_run(tmp_path, "cpu", [_cpu_rows("cpu", "tiny", "chat", [16, 14], [0.4, 0.5]),
+                               _cpu_rows("cpu", "tiny", "chat-concise", [8, 6], [0.2, 0.3]),
+                               _cpu_rows("cpu", "small", "chat", [16, 16], [0.2, 0.2]),
+                               _cpu_rows("cpu", "small", "chat-concise", [12, 12], [0.2, 0.2])])
+    demo, url = _serve(tmp_path, refresh_s=60)
+    try:
+        pg = browser.new_page(viewport={"width": 1214, "height": 900})
+        pg.goto(url)
+        _wait_text(pg, "#energy-notice", CPU_NOTE)
+        assert "Ranked by latency (s), lowest first" in _text(pg, "#leaderboard")
+        text = _text(pg, "#leaderboard")
+        assert text.index("small") < text.index("tiny") and "0.4M" in text and "energy (J)" in text
+        _shot(pg, "ui-cpu-only.png")
+        pg.get_by_role("tab", name="Plots").click()
+        _wait_text(pg, "#pareto-note", "needs energy")
+        pg.get_by_role("tab", name="Verbosity").click()
+        _wait_text(pg, "#verb-note", "needs energy")
+        pg.locator("#verb-measure").get_by_text("length saved %").click()
+        _drawn(pg, "verb-plot")
+        # tiny: 15 -> 7 tokens
+        _wait_text(pg, "#verbosity", str(round(100 * (1 - 7 / 15), 1)))
+        pg.get_by_role("tab", name="Model detail").click()
+        _wait_text(pg, "#detail-energy-note", CPU_NOTE)
+        pg.close()
+    finally:
+        demo.close()

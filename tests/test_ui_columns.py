@@ -47,9 +47,9 @@ def ui_client(tmp_path_factory):
 ])
 def test_custom_column_names_must_be_new_plain_names(ui_client, name, refused):
     client, _ = ui_client
-    out = client.predict(name, "energy / response_length", ["demo"], ["H200"], "chat", ["transformers"], "parameters",
-                         "energy", "model", api_name="/add_column")
-    msg, table = out[0], out[3]["value"]
+    out = client.predict(name, "energy / response_length", ["demo"], ["H200"], "chat", ["transformers"], None, "energy",
+                         api_name="/add_column")
+    msg, table = out[0], out[4]["value"]
     if refused:
         assert msg.startswith("⚠️ Column refused") and refused in msg, msg
         assert table["headers"].count("energy (J)") == 1 and table["headers"].count(name) <= 1
@@ -58,16 +58,23 @@ def test_custom_column_names_must_be_new_plain_names(ui_client, name, refused):
         assert msg.startswith("Added column") and name in table["headers"], msg
 
 
+def _refresh(client, runs, gpus, task, backends):
+    """The page's refresh through the API: (live status, leaderboard)."""
+    out = client.predict(runs, gpus, task, backends, None, "energy", "parameters", "energy", "gpu", False, "quality",
+                         None, "energy saved %", "latency (s)", None, None, api_name="/refresh")
+    status = next(o for o in out if isinstance(o, str) and "_last change seen" in o)
+    return status, out[5]
+
+
 def test_the_page_says_a_damaged_file_was_set_aside(ui_client):
     client, store = ui_client
     store.write_part(synthetic_rows("demo", "beta", "chat", [1.0], [1]), "beta__chat-1").write_bytes(b"")
-    out = client.predict(["demo"], ["H200"], "chat", ["transformers"], "parameters", "energy", "model", None,
-                         api_name="/refresh")
-    assert "1 damaged file(s) set aside" in out[10], out[10]
+    status, _ = _refresh(client, ["demo"], ["H200"], "chat", ["transformers"])
+    assert "1 damaged file(s) set aside" in status, status
 
 
 def test_an_empty_runs_folder_says_how_to_make_a_run(tmp_path):
     with _serve(tmp_path) as client:
-        out = client.predict([], [], None, [], "parameters", "energy", "model", None, api_name="/refresh")
-    assert "No runs yet in" in out[10] and "python -m sweep --config models.yaml" in out[10], out[10]
-    assert out[4]["value"]["data"] == []  # an empty leaderboard, not an error on every component
+        status, table = _refresh(client, [], [], None, [])
+    assert "No runs yet in" in status and "python -m sweep --config models.yaml" in status, status
+    assert table["value"]["data"] == []  # an empty leaderboard, not an error on every component

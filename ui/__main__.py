@@ -2,7 +2,7 @@
 
 import argparse
 
-from ui.app import build_app
+from ui.app import CSS, build_app
 
 
 def main() -> None:
@@ -13,7 +13,8 @@ def main() -> None:
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--refresh-s", type=float, default=5.0, help="seconds between live refreshes")
     args = p.parse_args()
-    build_app(args.runs, args.refresh_s).launch(server_name=args.host, server_port=args.port, share=args.share)
+    build_app(args.runs, args.refresh_s).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                   css=CSS)
 
 
 if __name__ == "__main__":

@@ -22,32 +22,43 @@ import pyarrow.dataset as ds
 
 from sweep.aggregate import PART_FILE, finish, partials, results_dataset
 from sweep.report import AGGREGATES_FILE, read_imported
-from sweep.store import RunStore
+from sweep import validate
+from sweep.store import PartsChanged, RunStore
 
-# Columns of the leaderboard, in order, with their units for the header.
+# Columns of the leaderboard, in order, with their (short) headers; units in the header.
 DISPLAY = {
     "run_id": "run",
     "gpu": "gpu",
     "model": "model",
     "backend": "backend",
     "task": "task",
-    "parameters": "parameters (B)",
+    "parameters": "params",
     "energy": "energy (J)",
-    "energy_ci": "energy 95% CI (J)",
-    "energy_per_token": "energy/token (J)",
-    "throughput": "throughput (tok/s)",
-    "response_length": "response_length (tok)",
+    "energy_ci": "95% CI (J)",
+    "energy_per_token": "J/token",
+    "decode_energy_per_token": "decode J/token",
+    "prefill_energy": "prefill (J)",
+    "energy_above_idle": "above idle (J)",
+    "response_length": "length (tok)",
     "latency": "latency (s)",
+    "ttft": "TTFT (s)",
+    "throughput": "tok/s",
     "responses": "responses",
+    "flagged_share": "flagged",
+    "validation": "check",
     "arc": "arc",
     "hellaswag": "hellaswag",
     "truthfulqa": "truthfulqa",
+    "energy_note": "energy note",
 }
 NUMERIC = ["parameters", "energy", "energy_per_token", "throughput", "response_length", "latency", "responses",
-           "arc", "hellaswag", "truthfulqa", "energy_ci_low", "energy_ci_high", "ttft", "energy_above_idle"]
+           "arc", "hellaswag", "truthfulqa", "energy_ci_low", "energy_ci_high", "ttft", "energy_above_idle",
+           "decode_energy_per_token", "prefill_energy", "flagged_share"]
 # What the model-detail view shows of each request.
 DETAIL_COLUMNS = ["prompt_id", "response", "response_tokens", "energy_j", "energy_note", "latency_s", "gpu_name",
-                  "template"]
+                  "template", "started_at", "ttft_s", "window_s", "prefill_energy_j", "decode_energy_j", "quality_flags"]
+ID_SCHEMA = pa.schema([("model", pa.string()), ("task", pa.string()), ("prompt_id", pa.string()),
+                       (PART_FILE, pa.string())])
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -62,8 +73,10 @@ def hub_url(path: str | None) -> str | None:
 class _Cached:
     fingerprint: tuple
     aggregates: pd.DataFrame
-    partials: pa.Table | None = None  # per part file, see sweep.aggregate.partials; None: aggregate-only run
+    partials: pa.Table | None = None  # per part file and worker, see sweep.aggregate.partials; None: aggregate-only run
     files: frozenset[str] = frozenset()  # part files the partials cover (a file may hold no rows)
+    ids: pa.Table | None = None  # (model, task, prompt_id, part_file) of every row: validation counts them
+    temperatures: dict = field(default_factory=dict)  # power file -> its highest temperature per GPU
 
 
 @dataclass
@@ -93,7 +106,10 @@ class RunsFolder:
         imported = run_dir / AGGREGATES_FILE
         store = RunStore(run_dir)
         parts = self._parts(store)
-        fp = (tuple(parts), imported.stat().st_mtime_ns if imported.is_file() else None)
+        # What else validation reads: the manifest (the plan), failures, the power timeline.
+        others = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in (store.manifest_path, store.failures_dir)
+                              if p.exists())) + tuple(p.name for p in store.power_files())
+        fp = (tuple(parts), imported.stat().st_mtime_ns if imported.is_file() else None, others)
         hit = self._cache.get(run_dir.name)
         if hit is not None and hit.fingerprint == fp:
             return hit
@@ -107,27 +123,50 @@ class RunsFolder:
             old = hit.partials if hit is not None and hit.partials is not None else None
             known = hit.files if old is not None else frozenset()
             new = [run_dir / "results" / n for n in sorted(names - known)]
-            scanned = store.scan_parts(lambda paths: partials(paths, by_file=True), files=new)
-            kept = [old.filter(pc.is_in(old[PART_FILE], pa.array(sorted(names), pa.string())))] if old else []
+            ids: list[pa.Table] = []
+            try:
+                scanned = store.scan_parts(lambda paths: partials(paths, by_file=True, by_worker=True, ids=ids), files=new)
+            except PartsChanged:  # a job's files were compacted meanwhile: list the run again
+                return self._load(run_dir)
+            still = pa.array(sorted(names), pa.string())
+            kept = [old.filter(pc.is_in(old[PART_FILE], still))] if old else []
             # In file-name order, as a scan of the folder sees the rows.
             table = pa.concat_tables(kept + [scanned]).sort_by(PART_FILE)
+            kept_ids = [hit.ids.filter(pc.is_in(hit.ids[PART_FILE], still))] if old is not None and hit.ids is not None else []
+            id_table = pa.concat_tables(kept_ids + ids) if kept_ids + ids else ID_SCHEMA.empty_table()
             agg = finish(table)
+            temps = dict(hit.temperatures) if hit is not None else {}
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
-            hit = _Cached(fp, agg, table, names)
+                agg = agg.merge(self._validation(store, table, id_table, temps), on=["model", "task"], how="left")
+            hit = _Cached(fp, agg, table, names, id_table, temps)
         self._cache[run_dir.name] = hit
         return hit
+
+    @staticmethod
+    def _validation(store: RunStore, parts: pa.Table, ids: pa.Table, temps: dict) -> pd.DataFrame:
+        """Per (model, task): the worst failed check of `sweep validate` ("ok", "warning",
+        "error"), from the partials and ids already read."""
+        facts = validate.facts(store.read_manifest(), set(store.read_prompts()["prompt_id"]),
+                               parts.drop_columns([PART_FILE]), ids.drop_columns([PART_FILE]), store.failures(),
+                               validate.temperatures(store, temps))
+        return validate.job_status(validate.run_checks(facts))
 
     def aggregates(self) -> pd.DataFrame:
         frames = [self._load(d).aggregates for d in self.run_dirs()]
         frames = [f for f in frames if not f.empty]
         if not frames:  # every column a view reads, so that an empty folder shows empty views
-            return pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url"])))
+            return pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url", "measured"])))
         agg = pd.concat(frames, ignore_index=True)
-        for col in NUMERIC + ["url"]:
+        for col in NUMERIC + ["url", "energy_note", "validation"]:
             if col not in agg:
                 agg[col] = np.nan
         return agg
+
+    def version(self) -> tuple:
+        """What the last aggregates() read: changes when any run's files change (a page
+        compares it to decide whether anything needs to be sent again)."""
+        return tuple(sorted((run, hit.fingerprint) for run, hit in self._cache.items()))
 
     def _per_request(self, run_id: str) -> _Cached | None:
         run_dir = self.root / run_id
@@ -153,9 +192,23 @@ class RunsFolder:
         holding = pc.unique(p.filter(pc.and_(pc.equal(p["model"], model), pc.equal(p["task"], task)))[PART_FILE])
         store = RunStore(self.root / run_id)
         job = (ds.field("model") == model) & (ds.field("task") == task)
-        table = store.scan_parts(lambda paths: results_dataset(paths).to_table(columns=DETAIL_COLUMNS, filter=job),
-                                 files=[store.results_dir / n for n in holding.to_pylist()])
+        try:
+            table = store.scan_parts(lambda paths: results_dataset(paths).to_table(columns=DETAIL_COLUMNS, filter=job),
+                                     files=[store.results_dir / n for n in holding.to_pylist()])
+        except PartsChanged:  # the job's files were compacted meanwhile: read them as they are now
+            return self.rows(run_id, model, task)
         return table.to_pandas()
+
+    def power(self, run_id: str, model: str, task: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+        """Power samples of one job's GPUs between two times (UTC): host, gpu_index, timestamp, power_w."""
+        store = RunStore(self.root / run_id)
+        utc = pa.timestamp("us", tz="UTC")
+        when = ((ds.field("model") == model) & (ds.field("task") == task) & ds.field("power_w").is_valid()
+                & (ds.field("timestamp") >= pa.scalar(pd.Timestamp(start).to_pydatetime(), utc))
+                & (ds.field("timestamp") <= pa.scalar(pd.Timestamp(end).to_pydatetime(), utc)))
+        table = store.read_power(filter=when).select(["host", "gpu_index", "timestamp", "power_w"])
+        # A crash between a merge of power files and the removal of its inputs leaves samples twice.
+        return table.to_pandas().drop_duplicates().sort_values("timestamp", kind="stable")
 
     def prompts(self, run_id: str) -> pd.DataFrame:
         return RunStore(self.root / run_id).read_prompts()
@@ -183,13 +236,15 @@ def pareto_front(x: pd.Series, y: pd.Series) -> pd.Series:
 
 
 def verbosity(agg: pd.DataFrame) -> pd.DataFrame:
-    """Per (run, gpu, model): response length and energy under each task and its concise
-    twin, and what the concise prompt saved (percent)."""
+    """Per (run, gpu, model, backend) and task pair: response length and energy under the
+    task and its concise twin, and what the concise prompt saved (percent, rounded to
+    0.1). Each row compares one model with itself on one GPU: nothing is summed."""
+    keys = ["run_id", "gpu", "model", "backend"]
     out = []
     for base in ("chat", "instruct"):
         concise = f"{base}-concise"
-        a = agg[agg["task"] == base].set_index(["run_id", "gpu", "model"])
-        b = agg[agg["task"] == concise].set_index(["run_id", "gpu", "model"])
+        a = agg[agg["task"] == base].set_index(keys)
+        b = agg[agg["task"] == concise].set_index(keys)
         both = a.index.intersection(b.index)
         if both.empty:
             continue
@@ -197,13 +252,14 @@ def verbosity(agg: pd.DataFrame) -> pd.DataFrame:
         out.append(pd.DataFrame({
             "pair": f"{base} vs {concise}",
             "parameters": a["parameters"],
-            "length": a["response_length"],
-            "length concise": b["response_length"],
-            "energy (J)": a["energy"],
-            "energy concise (J)": b["energy"],
-            "length saved %": 100 * (1 - b["response_length"] / a["response_length"]),
-            "energy saved %": 100 * (1 - b["energy"] / a["energy"]),
+            "length": a["response_length"].round(1),
+            "length concise": b["response_length"].round(1),
+            "length saved %": (100 * (1 - b["response_length"] / a["response_length"])).round(1),
+            "energy (J)": a["energy"].astype(float).round(1),
+            "energy concise (J)": b["energy"].astype(float).round(1),
+            "energy saved %": (100 * (1 - b["energy"].astype(float) / a["energy"].astype(float))).round(1),
         }).reset_index())
     if not out:
         return pd.DataFrame()
-    return pd.concat(out, ignore_index=True).sort_values(["pair", "energy saved %"], ascending=[True, False])
+    return pd.concat(out, ignore_index=True).sort_values(["gpu", "pair", "energy saved %", "length saved %"],
+                                                         ascending=[True, True, False, False])

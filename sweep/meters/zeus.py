@@ -20,10 +20,14 @@ class EnergyReading:
     energy_j: float | None  # joules summed over the worker's GPUs; None = not measured
     time_s: float  # seconds the window lasted
     note: str | None  # why energy_j is None, else None
+    start_unix_s: float = 0.0  # wall clock (time.time()) at the window's start: the power timeline's clock
+    end_unix_s: float = 0.0
+    zero_counter: bool = False  # some GPU's counter did not move during the window
+    counter_reset: bool = False  # some GPU's counter went backwards (a driver reset): no energy figure
 
 
 class EnergyMeter:
-    """Energy windows over GPUs `gpu_indices` (positions in CUDA_VISIBLE_DEVICES).
+    """Energy windows over the worker's GPUs (positions 0..num_gpus-1 in CUDA_VISIBLE_DEVICES).
 
     `begin(key)` / `end(key)` bracket one request; units: joules and seconds.
     """
@@ -31,6 +35,7 @@ class EnergyMeter:
     def __init__(self, num_gpus: int) -> None:
         self._monitor = None
         self.unavailable_reason: str | None = None
+        self.power_limit_w: float | None = None  # enforced power limit, summed over the GPUs
         import torch
 
         if num_gpus == 0 or not torch.cuda.is_available():
@@ -42,12 +47,15 @@ class EnergyMeter:
             self._monitor = ZeusMonitor(gpu_indices=list(range(num_gpus)), cpu_indices=[])
         except Exception as exc:  # e.g. a GPU without an NVML energy counter
             self.unavailable_reason = f"GPU energy unavailable: {exc}"
+            return
+        self.power_limit_w = power_limit_w(list(range(num_gpus)))
 
     @property
     def available(self) -> bool:
         return self._monitor is not None
 
     def begin(self, key: str) -> None:
+        self._t0_unix = time.time()
         if self._monitor is not None:
             self._monitor.begin_window(key, sync_execution=True)
         else:
@@ -55,12 +63,9 @@ class EnergyMeter:
 
     def end(self, key: str) -> EnergyReading:
         if self._monitor is None:
-            return EnergyReading(None, time.perf_counter() - self._t0, self.unavailable_reason)
+            return EnergyReading(None, time.perf_counter() - self._t0, self.unavailable_reason, self._t0_unix, time.time())
         m = self._monitor.end_window(key, sync_execution=True)
-        energy_j = float(sum(m.gpu_energy.values()))
-        if energy_j == 0.0 and m.time < COUNTER_PERIOD_S:
-            return EnergyReading(None, m.time, f"window of {m.time * 1e3:.0f} ms is shorter than the energy counter period")
-        return EnergyReading(energy_j, m.time, None)
+        return reading_of(m.gpu_energy, m.time, self._t0_unix, time.time())
 
     def idle_power_w(self, seconds: float = 2.0) -> float | None:
         """Mean power of the worker's GPUs while nothing runs on them (watts)."""
@@ -70,3 +75,28 @@ class EnergyMeter:
         time.sleep(seconds)
         reading = self.end("__idle__")
         return None if reading.energy_j is None else reading.energy_j / reading.time_s
+
+
+def reading_of(gpu_energy_j: dict[int, float], time_s: float, start_unix_s: float, end_unix_s: float) -> EnergyReading:
+    """One window's per-GPU counter differences -> the reading stored with the row."""
+    values = list(gpu_energy_j.values())
+    if any(v < 0 for v in values):
+        return EnergyReading(None, time_s, "energy counter went backwards during the window (counter reset)",
+                             start_unix_s, end_unix_s, zero_counter=False, counter_reset=True)
+    zero = any(v == 0.0 for v in values)
+    energy_j = float(sum(values))
+    if zero and time_s < COUNTER_PERIOD_S:
+        return EnergyReading(None, time_s, f"window of {time_s * 1e3:.0f} ms is shorter than the energy counter period",
+                             start_unix_s, end_unix_s, zero_counter=True)
+    return EnergyReading(energy_j, time_s, None, start_unix_s, end_unix_s, zero_counter=zero)
+
+
+def power_limit_w(gpu_indices: list[int]) -> float | None:
+    """The enforced power limit of these GPUs (Zeus's view of NVML), summed, in watts."""
+    try:
+        from zeus.device import get_gpus
+
+        gpus = get_gpus()
+        return sum(gpus.get_power_management_limit(i) for i in gpu_indices) / 1000.0
+    except Exception:  # a GPU that does not report it: the power bound check is skipped
+        return None

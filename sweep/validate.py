@@ -1,0 +1,303 @@
+"""Checks over a whole run: is it complete, and can its energy figures be trusted?
+
+Every check is a small pure function of `RunFacts` (what `collect` reads from the run
+directory: the plan from the manifest, the stored prompt ids, figures per job and per
+worker from `sweep.aggregate`, failures, temperatures) returning `Expectation`s, one per
+job or GPU it looked at, as ML.ENERGY's results validation does. `python -m sweep
+validate RUN_DIR` prints them; an error-level expectation that fails makes it exit 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from sweep.aggregate import KEYS, WORKER_KEYS, finish, job_figures, worker_partials
+from sweep.quality import FLAGS
+from sweep.store import RunStore
+
+ERROR, WARNING = "error", "warning"
+# Beyond this share of rows with an energy flag, a job's per-row figures are coarse.
+FLAGGED_SHARE_MAX = 0.10
+# Mean power within this factor of idle: the GPU mostly waits (on Python, the host CPU).
+HOST_BOUND_OF_IDLE = 1.15
+# Idle power of a GPU: above zero and at most this share of its power limit.
+IDLE_OF_LIMIT_MAX = 0.5
+# The same GPU model's idle power across workers, and a job's J/token across workers.
+IDLE_SPREAD_MAX = 0.25
+WORKER_SPREAD_MAX = 0.10
+# Hopper and Ampere boards slow their clocks near 85-90 C: figures taken hotter are not comparable.
+TEMPERATURE_MAX_C = 85.0
+
+
+@dataclass(frozen=True)
+class Expectation:
+    check: str
+    passed: bool
+    severity: str  # ERROR or WARNING: what a failure means
+    message: str
+    model: str | None = None  # the job it is about, where it is about one
+    task: str | None = None
+
+
+@dataclass
+class RunFacts:
+    planned_jobs: list[tuple[str, str]]  # (model, task) of the manifest's plan
+    planned_prompts: set[str]
+    stored: pd.DataFrame  # per (model, task): rows, distinct_planned, unplanned
+    jobs: pd.DataFrame  # figures per KEYS (sweep.aggregate)
+    workers: pd.DataFrame  # figures per KEYS + WORKER_KEYS
+    failures: list[dict] = field(default_factory=list)
+    max_temperature_c: dict[str, float] = field(default_factory=dict)  # "host gpu N" -> highest reading
+
+
+def _job_name(model: str, task: str) -> str:
+    return f"{model} / {task}"
+
+
+# -- the checks ----------------------------------------------------------------------
+def check_complete(f: RunFacts) -> list[Expectation]:
+    """Every planned (model, task, prompt) is stored."""
+    stored = f.stored.set_index(["model", "task"]) if len(f.stored) else None
+    out = []
+    for model, task in f.planned_jobs:
+        have = int(stored.loc[(model, task), "distinct_planned"]) if stored is not None and (model, task) in stored.index else 0
+        missing = len(f.planned_prompts) - have
+        out.append(Expectation("complete", missing == 0, ERROR,
+                               f"{_job_name(model, task)}: {have} of {len(f.planned_prompts)} prompts stored"
+                               + (f", {missing} missing (rerun with the same --run-id to finish)" if missing else ""),
+                               model, task))
+    return out
+
+
+def check_no_duplicates(f: RunFacts) -> list[Expectation]:
+    """No (model, task, prompt) is stored twice, and no row is of a prompt outside the plan."""
+    out = []
+    for r in f.stored.itertuples():
+        dup = int(r.rows - r.distinct_planned - r.unplanned)
+        ok = dup == 0 and r.unplanned == 0
+        msg = f"{_job_name(r.model, r.task)}: {r.rows} rows"
+        if dup:
+            msg += f", {dup} duplicated (the same prompt stored more than once)"
+        if r.unplanned:
+            msg += f", {int(r.unplanned)} of prompts not in the run's prompts"
+        out.append(Expectation("stored_once", ok, ERROR, msg, r.model, r.task))
+    return out
+
+
+def check_energy_present(f: RunFacts) -> list[Expectation]:
+    """Every GPU row has an energy reading (or says why not); every CPU row says why it has none."""
+    out = []
+    for r in f.jobs.itertuples():
+        missing, unexplained = int(r.responses - r.measured), int(r.energy_missing)
+        if r.gpu == "CPU":
+            out.append(Expectation("energy_present", unexplained == 0, ERROR,
+                                   f"{_job_name(r.model, r.task)}: {r.responses} CPU rows, {unexplained} without a "
+                                   f"reason for the missing energy", r.model, r.task))
+            continue
+        msg = f"{_job_name(r.model, r.task)} on {r.gpu}: {missing} of {r.responses} GPU rows without energy"
+        if unexplained:
+            msg += f", {unexplained} without a reason"
+        # Rows that say why (a counter reset, a window too short to read) only warn.
+        out.append(Expectation("energy_present", missing == 0, ERROR if unexplained else WARNING, msg, r.model, r.task))
+    return out
+
+
+def check_idle_power(f: RunFacts) -> list[Expectation]:
+    """Idle power measured, plausible for the GPU (0 < idle <= half its limit), and
+    consistent across workers with the same GPU model."""
+    w = f.workers[f.workers["measured"] > 0]
+    out = []
+    for gpu, g in w.groupby("gpu", sort=True):
+        per_worker = g.groupby(WORKER_KEYS, dropna=False).agg(idle=("idle_power", "mean"), limit=("power_limit", "mean"))
+        idle = per_worker["idle"]
+        if idle.isna().any():
+            out.append(Expectation("idle_power", False, ERROR, f"{gpu}: idle power not measured on some worker"))
+            continue
+        limit = per_worker["limit"]
+        bad = (idle <= 0) | (limit.notna() & (idle > IDLE_OF_LIMIT_MAX * limit))
+        spread = idle.max() / idle.min() - 1 if idle.min() > 0 else np.inf
+        out.append(Expectation(
+            "idle_power", not bad.any(), ERROR,
+            f"{gpu}: idle {idle.min():.0f}-{idle.max():.0f} W on {len(idle)} GPU(s)"
+            + (f", limit {limit.max():.0f} W" if limit.notna().any() else "")
+            + (f"; implausible (must be above 0 and at most {IDLE_OF_LIMIT_MAX:g} x the limit)" if bad.any() else "")))
+        if len(idle) > 1:
+            out.append(Expectation("idle_power_spread", spread <= IDLE_SPREAD_MAX, WARNING,
+                                   f"{gpu}: idle power differs by {spread:.0%} across {len(idle)} GPUs "
+                                   f"(at most {IDLE_SPREAD_MAX:.0%})"))
+    return out
+
+
+def check_flagged_share(f: RunFacts) -> list[Expectation]:
+    """Few rows of a job have an energy quality flag (coarse window, zero counter, reset, power out of bounds)."""
+    out = []
+    for r in f.jobs[f.jobs["measured"] > 0].itertuples():
+        ok = r.flagged_share <= FLAGGED_SHARE_MAX
+        msg = f"{_job_name(r.model, r.task)} on {r.gpu}: {r.flagged_share:.0%} of measured rows flagged"
+        if r.coarse_share > 0:
+            msg += f" ({r.coarse_share:.0%} with windows under 1 s: {FLAGS['coarse_window'].split(': ')[1]})"
+        out.append(Expectation("flagged_share", ok, WARNING, msg + ("" if ok else f"; at most {FLAGGED_SHARE_MAX:.0%}"),
+                               r.model, r.task))
+    return out
+
+
+def check_host_bound(f: RunFacts) -> list[Expectation]:
+    """The GPU works during requests: mean power well above idle."""
+    out = []
+    for r in f.jobs[(f.jobs["measured"] > 0) & f.jobs["idle_power"].notna()].itertuples():
+        ratio = r.mean_power / r.idle_power
+        ok = ratio > HOST_BOUND_OF_IDLE
+        out.append(Expectation("gpu_busy", ok, WARNING,
+                               f"{_job_name(r.model, r.task)} on {r.gpu}: mean power {r.mean_power:.0f} W, "
+                               f"{ratio:.2f} x idle" + ("" if ok else " (the GPU waits on the host: a compiled "
+                                                                       "backend measures the model, not Python)"),
+                               r.model, r.task))
+    return out
+
+
+def check_worker_spread(f: RunFacts) -> list[Expectation]:
+    """The same job on the same GPU model gives the same J/token on every worker."""
+    out = []
+    w = f.workers[f.workers["measured"] > 0]
+    for (gpu, model, backend, task), g in w.groupby(["gpu", "model", "backend", "task"], sort=True):
+        if len(g) < 2:
+            continue
+        ept = g["energy_per_token"]
+        spread = ept.max() / ept.min() - 1 if ept.min() > 0 else np.inf
+        out.append(Expectation("worker_spread", spread <= WORKER_SPREAD_MAX, WARNING,
+                               f"{_job_name(model, task)} ({backend}) on {gpu}: J/token differs by {spread:.0%} "
+                               f"across {len(g)} workers (at most {WORKER_SPREAD_MAX:.0%})", model, task))
+    return out
+
+
+def check_failures(f: RunFacts) -> list[Expectation]:
+    """No job failed."""
+    if not f.failures:
+        return [Expectation("no_failed_jobs", True, ERROR, "no failed job")]
+    return [Expectation("no_failed_jobs", False, ERROR,
+                        f"{_job_name(x['model'], x['task'])} failed: {x['error'].splitlines()[0][:200]}",
+                        x["model"], x["task"]) for x in f.failures]
+
+
+def check_temperature(f: RunFacts) -> list[Expectation]:
+    """No GPU ran hot enough to slow its clocks (from the power timeline's temperatures)."""
+    return [Expectation("temperature", t < TEMPERATURE_MAX_C, WARNING,
+                        f"{gpu}: highest temperature {t:.0f} C (below {TEMPERATURE_MAX_C:.0f} C)")
+            for gpu, t in sorted(f.max_temperature_c.items())]
+
+
+CHECKS = [check_complete, check_no_duplicates, check_energy_present, check_idle_power, check_flagged_share,
+          check_host_bound, check_worker_spread, check_failures, check_temperature]
+
+
+def run_checks(facts: RunFacts) -> list[Expectation]:
+    return [e for check in CHECKS for e in check(facts)]
+
+
+# -- reading a run -------------------------------------------------------------------
+def _planned_jobs(manifest: dict | None) -> list[tuple[str, str]]:
+    from sweep.config import ModelsFile, TasksFile
+    from sweep.plan import make_plan
+
+    if not manifest or "models" not in manifest or "tasks" not in manifest:
+        return []
+    models = ModelsFile.model_validate({"models": manifest["models"]})
+    tasks = TasksFile.model_validate(manifest["tasks"])
+    return [(j.model, j.task) for j in make_plan(models, tasks)]
+
+
+def _stored(ids: pa.Table, planned_prompts: set[str]) -> pd.DataFrame:
+    """Per (model, task): rows, distinct planned prompt ids, rows of prompts outside the plan."""
+    import pyarrow.compute as pc
+
+    planned = pc.is_in(ids["prompt_id"], pa.array(sorted(planned_prompts), pa.string()))
+    ids = ids.append_column("planned", pc.cast(planned, pa.int64()))
+    rows = ids.group_by(["model", "task"], use_threads=False).aggregate([([], "count_all"), ("planned", "sum")])
+    distinct = (ids.filter(planned).group_by(["model", "task"], use_threads=False)
+                .aggregate([("prompt_id", "count_distinct")]))
+    df = rows.to_pandas().merge(distinct.to_pandas(), on=["model", "task"], how="left").fillna({"prompt_id_count_distinct": 0})
+    return pd.DataFrame({"model": df["model"], "task": df["task"], "rows": df["count_all"].astype(int),
+                         "distinct_planned": df["prompt_id_count_distinct"].astype(int),
+                         "unplanned": (df["count_all"] - df["planned_sum"]).astype(int)}).sort_values(["model", "task"])
+
+
+def temperatures(store: RunStore, seen: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """Highest temperature per GPU ("host GPU n") in the run's power timeline. `seen`
+    (power file name -> its maxima) is filled in and reused: a live view reads each file once."""
+    seen = {} if seen is None else seen
+    paths = store.power_files()
+    for gone in set(seen) - {p.name for p in paths}:
+        del seen[gone]
+    for path in paths:
+        if path.name in seen:
+            continue
+        df = store.read_power(files=[path]).select(["host", "gpu_index", "temperature_c"]).to_pandas()
+        df = df.dropna(subset=["temperature_c"])
+        seen[path.name] = {f"{h} GPU {i}": float(t)
+                           for (h, i), t in df.groupby(["host", "gpu_index"])["temperature_c"].max().items()}
+    out: dict[str, float] = {}
+    for maxima in seen.values():
+        for gpu, t in maxima.items():
+            out[gpu] = max(t, out.get(gpu, t))
+    return out
+
+
+def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, ids: pa.Table, failures: list[dict],
+          max_temperature_c: dict[str, float]) -> RunFacts:
+    """RunFacts from what a reader already has: partials by worker and row ids (sweep.aggregate)."""
+    return RunFacts(_planned_jobs(manifest), planned_prompts, _stored(ids, planned_prompts), job_figures(parts),
+                    finish(parts, WORKER_KEYS), failures, max_temperature_c)
+
+
+def collect(store: RunStore) -> RunFacts:
+    """What the checks need, read from the run directory (the columns they use only)."""
+    planned_prompts = set(store.read_prompts()["prompt_id"])
+    parts, ids = store.scan_parts(lambda paths: worker_partials(tuple(paths)))
+    return facts(store.read_manifest(), planned_prompts, parts, ids, store.failures(), temperatures(store))
+
+
+def validate(store: RunStore) -> list[Expectation]:
+    return run_checks(collect(store))
+
+
+def job_status(expectations: list[Expectation]) -> pd.DataFrame:
+    """Per (model, task): "ok", "warning" or "error": the worst failed check about it."""
+    rank = {"ok": 0, WARNING: 1, ERROR: 2}
+    worst: dict[tuple[str, str], str] = {}
+    for e in expectations:
+        if e.model is None:
+            continue
+        key = (e.model, e.task)
+        level = "ok" if e.passed else e.severity
+        if rank[level] >= rank[worst.get(key, "ok")]:
+            worst[key] = level
+    return pd.DataFrame([{"model": m, "task": t, "validation": s} for (m, t), s in worst.items()],
+                        columns=["model", "task", "validation"])
+
+
+def as_records(expectations: list[Expectation]) -> list[dict]:
+    return [asdict(e) for e in expectations]
+
+
+def print_table(expectations: list[Expectation]) -> None:
+    """Failures in full, then a line per check with how many passed."""
+    failed = [e for e in expectations if not e.passed]
+    for e in sorted(failed, key=lambda e: (e.severity != ERROR, e.check)):
+        print(f"{e.severity.upper():8} {e.check:18} {e.message}")
+    print()
+    by_check: dict[str, list[Expectation]] = {}
+    for e in expectations:
+        by_check.setdefault(e.check, []).append(e)
+    for name, es in by_check.items():
+        ok = sum(e.passed for e in es)
+        mark = "ok" if ok == len(es) else next(e.severity for e in es if not e.passed)
+        print(f"{mark:8} {name:18} {ok}/{len(es)} passed")
+    errors = sum(1 for e in failed if e.severity == ERROR)
+    print(f"\n{'FAILED' if errors else 'PASSED'}: {errors} error(s), {len(failed) - errors} warning(s)")
+
+
+__all__ = ["Expectation", "RunFacts", "CHECKS", "collect", "run_checks", "validate", "job_status", "KEYS"]

@@ -1,0 +1,151 @@
+"""What the UI's views compute, against hand computations (no browser)."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from sweep.aggregate import finish, partials_of_table
+from sweep.record import RESULT_SCHEMA
+from tests.helpers import synthetic_rows
+from ui import charts
+from ui.data import verbosity
+from ui.views import (
+    DEFAULT_COLUMNS,
+    best_under_limits,
+    display_table,
+    energy_notice,
+    format_params,
+    missing_note,
+    sort_table,
+)
+
+
+def _agg(*jobs):
+    return finish(partials_of_table(pa.Table.from_pylist([r for rows in jobs for r in rows], schema=RESULT_SCHEMA)))
+
+
+def test_verbosity_compares_each_model_with_itself_per_gpu_and_run():
+    agg = _agg(
+        synthetic_rows("r1", "m", "chat", [300.0, 340.0], [200, 220]),           # mean 320 J, 210 tok
+        synthetic_rows("r1", "m", "chat-concise", [150.0, 170.0], [90, 100]),    # 160 J, 95 tok
+        synthetic_rows("r1", "m", "instruct", [100.0], [50]),
+        synthetic_rows("r1", "m", "instruct-concise", [90.0], [40]),
+        # the same model on another GPU and in another run: its own rows, never added in
+        synthetic_rows("r1", "m", "chat", [1000.0], [300], gpu_name="NVIDIA A100"),
+        synthetic_rows("r1", "m", "chat-concise", [250.0], [100], gpu_name="NVIDIA A100"),
+        synthetic_rows("r2", "m", "chat", [90.0], [10]),
+        synthetic_rows("r2", "m", "chat-concise", [60.0], [8]),
+    )
+    v = verbosity(agg).set_index(["run_id", "gpu", "pair"])
+    assert len(v) == 4
+    # by hand: 1 - 160/320 = 50 %, 1 - 95/210 = 54.76 %, 1 - 90/100 = 10 %, 1 - 250/1000 = 75 %, 1 - 60/90 = 33.3 %
+    assert v.loc[("r1", "H200", "chat vs chat-concise"), "energy saved %"] == 50.0
+    assert v.loc[("r1", "H200", "chat vs chat-concise"), "length saved %"] == 54.8
+    assert v.loc[("r1", "H200", "instruct vs instruct-concise"), "energy saved %"] == 10.0
+    assert v.loc[("r1", "A100", "chat vs chat-concise"), "energy saved %"] == 75.0
+    assert v.loc[("r2", "H200", "chat vs chat-concise"), "energy saved %"] == 33.3
+    assert v.loc[("r1", "H200", "chat vs chat-concise"), "energy (J)"] == 320.0
+
+    # the chart: one bar per (model, pair), side by side, with the table's numbers
+    one = verbosity(agg)
+    one = one[(one["gpu"] == "H200") & (one["run_id"] == "r1")].assign(label="m")
+    spec = charts.verbosity_bars(one, "energy saved %")
+    bars = spec["layer"][0]
+    assert bars["encoding"]["xOffset"]["field"] == "pair" and bars["encoding"]["y"]["stack"] is None
+    values = {(d["label"], d["pair"]): d["saved"] for d in spec["data"]["values"]}
+    assert values == {("m", "chat vs chat-concise"): 50.0, ("m", "instruct vs instruct-concise"): 10.0}
+    json.dumps(spec, allow_nan=False)
+
+
+def test_verbosity_of_a_cpu_run_has_lengths_but_no_energy():
+    agg = _agg(synthetic_rows("c", "m", "chat", [None, None], [16, 16]),
+               synthetic_rows("c", "m", "chat-concise", [None, None], [8, 8]))
+    v = verbosity(agg)
+    assert v["length saved %"].tolist() == [50.0] and v["energy saved %"].isna().all()
+    assert charts.verbosity_bars(v.assign(label="m"), "energy saved %") is None
+
+
+@pytest.mark.parametrize("billions, shown", [(0.000355, "0.4M"), (0.00126, "1.3M"), (0.41, "410M"), (1.1, "1.1B"),
+                                             (6.74, "6.7B"), (13.0, "13B"), (175.0, "175B"), (np.nan, "")])
+def test_parameters_under_a_billion_are_shown_in_millions(billions, shown):
+    assert format_params(billions) == shown
+
+
+def test_a_cpu_only_view_says_why_and_ranks_by_latency():
+    agg = _agg(synthetic_rows("c", "slow", "chat", [None], [16], gpu_name="CPU", latency=[2.0]),
+               synthetic_rows("c", "fast", "chat", [None], [16], gpu_name="CPU", latency=[1.0]))
+    agg["energy_note"] = "no GPU energy counter (CPU run)"
+    ranked, label = sort_table(agg, "energy")
+    assert ranked["model"].tolist() == ["fast", "slow"] and label.startswith("Ranked by latency (s), lowest first")
+    assert "no GPU energy counter (CPU run)" in energy_notice(agg) and "models-gpu.yaml" in energy_notice(agg)
+    shown = display_table(ranked, [])
+    assert "energy (J)" in shown and shown["energy (J)"].isna().all()  # the column stays, empty, with the notice
+    assert "needs energy" in missing_note(agg, ["latency", "energy"], "Time vs energy")
+
+
+def test_ranking_and_columns_by_default():
+    agg = _agg(synthetic_rows("r", "a", "chat", [300.0], [100], params_b=0.41),
+               synthetic_rows("r", "b", "chat", [200.0], [100], params_b=7))
+    ranked, label = sort_table(agg, None)
+    assert ranked["model"].tolist() == ["b", "a"] and label.startswith("Ranked by energy (J), lowest first")
+    ranked, label = sort_table(agg, "throughput")
+    assert label.startswith("Ranked by tok/s, highest first")
+    shown = display_table(agg, [])
+    assert len(shown.columns) <= len(DEFAULT_COLUMNS) and "run" not in shown
+    assert shown["params"].tolist() == ["410M", "7B"]
+    assert {"TTFT (s)", "above idle (J)", "backend"} <= set(shown)
+    assert "run" in display_table(agg, [], DEFAULT_COLUMNS + ["run_id"])
+
+
+def test_best_row_per_model_within_a_deadline_and_a_budget():
+    agg = _agg(
+        # model a: fast and hungry on H200, slow and frugal on A100
+        synthetic_rows("r", "a", "chat", [500.0], [100], latency=[1.0]),
+        synthetic_rows("r", "a", "chat", [200.0], [100], latency=[4.0], gpu_name="NVIDIA A100"),
+        synthetic_rows("r", "b", "chat", [900.0], [100], latency=[2.0]),
+    )
+    best, missed = best_under_limits(agg, None, None, None)
+    assert best.set_index("model")["gpu"].to_dict() == {"a": "A100", "b": "H200"}
+    best, missed = best_under_limits(agg, 2.5, None, 600.0)  # a's A100 row misses the deadline; b the budget
+    assert best.set_index("model")["gpu"].to_dict() == {"a": "H200"} and missed == ["b"]
+    best, _ = best_under_limits(agg, None, 15.0, None)  # time per token: 10 ms (H200 a), 40 ms, 20 ms
+    assert best["model"].tolist() == ["a"] and best["ms_per_token"].tolist() == [10.0]
+
+
+def test_detail_timeline_and_validation_column(tmp_path):
+    """The model detail's power timeline: the job's samples in its requests' span, one
+    shaded window and one first-token rule per request; the leaderboard's check column."""
+    from datetime import timedelta
+
+    import pyarrow as pa
+
+    from sweep.meters.timeline import POWER_SCHEMA
+    from sweep.store import job_slug
+    from tests.helpers import make_run, synthetic_rows
+    from ui import charts
+    from ui.data import RunsFolder
+    from ui.views import timeline_frames, timeline_note
+
+    rows = synthetic_rows("r", "m", "chat", [100.0] * 4, [50] * 4, latency=[0.8] * 4)
+    store = make_run(tmp_path, "r", [rows])
+    t0 = rows[0]["started_at"]
+    stamps = [t0 + timedelta(seconds=0.1 * k) for k in range(-20, 60)]
+    samples = pa.table({"model": ["m"] * 80, "task": ["chat"] * 80, "host": ["h"] * 80, "gpu_index": [0] * 80,
+                        "timestamp": stamps, "power_w": [100.0 + k for k in range(80)], "temperature_c": [None] * 80},
+                       schema=POWER_SCHEMA)
+    store.write_power_part(samples, job_slug("m", "chat"))
+    folder = RunsFolder(tmp_path)
+    assert folder.aggregates()["validation"].tolist() == ["warning"]  # every 0.8 s window is coarse
+    sub = folder.rows("r", "m", "chat")
+    power = folder.power("r", "m", "chat", t0, t0 + timedelta(seconds=3.8))
+    assert len(power) == 39  # samples from t0 to t0 + 3.8 s, both ends included
+    points, requests = timeline_frames(sub.sort_values("started_at"), power)
+    assert requests["start_s"].tolist() == [0.0, 1.0, 2.0, 3.0] and requests["end_s"].tolist() == pytest.approx([0.8, 1.8, 2.8, 3.8])
+    assert requests["first_token_s"].tolist() == pytest.approx([0.01, 1.01, 2.01, 3.01])
+    assert points["t_s"].iloc[0] == 0.0 and set(points["gpu"]) == {"GPU 0"}
+    spec = charts.timeline(points, requests)
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["rect", "rule", "line"]
+    assert "decode 95.0 J per response; decode 1.939 J/token" in timeline_note(sub, 4, True)
+    assert "No power timeline" in timeline_note(sub, 4, False)

@@ -1,0 +1,195 @@
+"""Vega-Lite specs for the page's charts, handed to gr.Plot as they are.
+
+Gradio's native plots have no log scale, no layers (a Pareto line over the points) and
+no grouped bars; Vega-Lite, which gr.Plot already renders, has all three. No Gradio
+here: each function takes a frame and returns a spec (a dict), or None when there is
+nothing to draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+# Axis titles with units, by column.
+UNITS = {
+    "parameters": "parameters (billions)",
+    "energy": "energy per response (J)",
+    "energy_per_token": "energy per token (J)",
+    "energy_above_idle": "energy above idle per response (J)",
+    "throughput": "throughput (tokens/s)",
+    "response_length": "response length (tokens)",
+    "latency": "latency per response (s)",
+    "ttft": "time to first token (s)",
+    "responses": "responses",
+    "arc": "ARC score (2023)",
+    "hellaswag": "HellaSwag score (2023)",
+    "truthfulqa": "TruthfulQA score (2023)",
+    "quality": "mean of ARC, HellaSwag, TruthfulQA (2023)",
+}
+# Tableau 10, then 10 more: a GPU (or model) keeps its colour whatever the filters show,
+# because every chart maps the same sorted list of all names onto this list.
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#bab0ac", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]
+WIDTH = 900
+_PAD = {"left": 8, "top": 36, "right": 8, "bottom": 8}  # top: clear of the component's label
+
+
+def axis_title(col: str) -> str:
+    return UNITS.get(col, col)
+
+
+def to_json(spec: dict) -> str:
+    return json.dumps(spec, allow_nan=False)
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    # NaN is not JSON: the charts drop rows without their figures before this.
+    return json.loads(df.to_json(orient="records"))
+
+
+def _scale(log: bool) -> dict:
+    # Pixel padding keeps points at the edge of the domain whole.
+    return {"type": "log", "padding": 10} if log else {"zero": False, "nice": True, "padding": 10}
+
+
+def _colour(field: str, domain: list[str] | None, title: str | None = None) -> dict:
+    enc = {"field": field, "type": "nominal", "title": title or field}
+    if domain:
+        enc["scale"] = {"domain": domain, "range": [PALETTE[i % len(PALETTE)] for i in range(len(domain))]}
+    return enc
+
+
+def _base(height: int = 340, width: int = WIDTH) -> dict:
+    return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "width": width, "height": height,
+            "autosize": {"type": "fit", "contains": "padding"}, "padding": _PAD}
+
+
+def _positive(df: pd.DataFrame, cols: list[str], log: bool) -> pd.DataFrame:
+    df = df.dropna(subset=cols)
+    if log:  # a log axis cannot place 0 or less
+        for c in cols:
+            df = df[df[c] > 0]
+    return df
+
+
+def scatter(df: pd.DataFrame, x: str, y: str, colour: str | None, domain: list[str] | None, log: bool = False,
+            tooltip: list[str] = ("model", "gpu", "backend", "task", "run_id")) -> dict | None:
+    cols = list(dict.fromkeys([*tooltip, x, y] + ([colour] if colour else [])))
+    data = _positive(df[[c for c in cols if c in df]], [x, y], log)
+    if data.empty:
+        return None
+    enc = {"x": {"field": x, "type": "quantitative", "title": axis_title(x), "scale": _scale(log)},
+           "y": {"field": y, "type": "quantitative", "title": axis_title(y), "scale": _scale(log)},
+           "tooltip": [{"field": c, "type": "quantitative" if pd.api.types.is_numeric_dtype(data[c]) else "nominal",
+                        **({"format": ".4g"} if pd.api.types.is_numeric_dtype(data[c]) else {})}
+                       for c in data.columns]}
+    if colour:
+        if pd.api.types.is_numeric_dtype(data[colour]):
+            enc["color"] = {"field": colour, "type": "quantitative", "title": axis_title(colour)}
+        else:
+            enc["color"] = _colour(colour, domain)
+    return {**_base(), "data": {"values": _records(data)}, "mark": {"type": "point", "filled": True, "size": 70},
+            "encoding": enc}
+
+
+def pareto(df: pd.DataFrame, domain: list[str], log: bool = False) -> dict | None:
+    """Latency vs energy, coloured by GPU, each GPU's Pareto front drawn as a line (df has
+    a boolean `front` column)."""
+    data = _positive(df, ["latency", "energy"], log)
+    if data.empty:
+        return None
+    x = {"field": "latency", "type": "quantitative", "title": axis_title("latency"), "scale": _scale(log)}
+    y = {"field": "energy", "type": "quantitative", "title": axis_title("energy"), "scale": _scale(log)}
+    colour = _colour("gpu", domain, "GPU")
+    tip = [{"field": c, "type": "nominal"} for c in ("model", "gpu", "backend", "task", "run_id")] + [
+        {"field": "latency", "type": "quantitative", "format": ".3g"},
+        {"field": "energy", "type": "quantitative", "format": ".4g"}]
+    return {**_base(), "data": {"values": _records(data)}, "layer": [
+        {"transform": [{"filter": "datum.front"}], "mark": {"type": "line", "strokeWidth": 2},
+         "encoding": {"x": x, "y": y, "color": colour, "order": {"field": "latency", "type": "quantitative"}}},
+        {"mark": {"type": "point", "filled": True, "size": 70},
+         "encoding": {"x": x, "y": y, "color": colour, "tooltip": tip,
+                      "shape": {"field": "front", "type": "nominal", "title": "on the front",
+                                "scale": {"domain": [True, False], "range": ["diamond", "circle"]}}}},
+    ]}
+
+
+def verbosity_bars(v: pd.DataFrame, measure: str) -> dict | None:
+    """One bar per (model, task pair), the pairs side by side (grouped, not stacked)."""
+    data = v.dropna(subset=[measure])
+    if data.empty:
+        return None
+    data = data[["label", "pair", measure]].rename(columns={measure: "saved"})
+    label_limit = 160
+    x = {"field": "label", "type": "nominal", "title": None, "sort": None,
+         "axis": {"labelAngle": -35, "labelLimit": label_limit, "labelOverlap": False}}
+    enc = {"x": x, "xOffset": {"field": "pair", "type": "nominal"},
+           "y": {"field": "saved", "type": "quantitative", "title": measure, "stack": None},
+           "color": _colour("pair", ["chat vs chat-concise", "instruct vs instruct-concise"], "task pair")}
+    text = {"mark": {"type": "text", "dy": -6, "fontSize": 10},
+            "encoding": {**enc, "text": {"field": "saved", "type": "quantitative", "format": ".1f"},
+                         "y": {**enc["y"], "axis": None}, "color": {"value": "#333"}}}
+    bars = {"mark": {"type": "bar"}, "encoding": {**enc, "tooltip": [
+        {"field": "label", "title": "model"}, {"field": "pair"},
+        {"field": "saved", "type": "quantitative", "format": ".1f", "title": measure}]}}
+    return {**_base(380), "data": {"values": _records(data)}, "layer": [bars, text]}
+
+
+def distributions(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[str] | None = None,
+                  log: bool = False, width: int = WIDTH) -> dict | None:
+    """Histogram of per-request values, one colour per group (overlaid, see-through);
+    Vega-Lite bins them, so the page receives the values and nothing else."""
+    data = _positive(rows[[group, field]], [field], log)
+    if data.empty:
+        return None
+    groups = data[group].nunique()
+    x = {"field": field, "bin": {"maxbins": 30}, "title": title}
+    if log:  # bins of equal width on a log axis: bin the logarithm
+        data = data.assign(**{field: data[field].map(math.log10)})
+        x = {"field": field, "bin": {"maxbins": 30}, "title": f"log10 {title}"}
+    return {**_base(260, width), "data": {"values": _records(data)},
+            "mark": {"type": "bar", "opacity": 0.55 if groups > 1 else 0.9, "binSpacing": 0},
+            "encoding": {"x": x, "y": {"aggregate": "count", "title": "responses", "stack": None},
+                         "color": _colour(group, domain or sorted(data[group].unique())),
+                         "tooltip": [{"field": group}, {"aggregate": "count", "title": "responses"}]}}
+
+
+def boxes(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[str], log: bool = False) -> dict | None:
+    """Per group, a box of the per-request values (side by side)."""
+    data = _positive(rows[[group, field]], [field], log)
+    if data.empty:
+        return None
+    return {**_base(300), "data": {"values": _records(data)}, "mark": {"type": "boxplot", "extent": 1.5},
+            "encoding": {"x": {"field": group, "type": "nominal", "title": None, "sort": domain,
+                               "axis": {"labelAngle": -20, "labelLimit": 200}},
+                         "y": {"field": field, "type": "quantitative", "title": title, "scale": _scale(log)},
+                         "color": {**_colour(group, domain), "legend": None}}}
+
+
+def timeline(samples: pd.DataFrame, requests: pd.DataFrame, width: int = WIDTH) -> dict | None:
+    """Power over time (a step line per GPU: each reading holds until the next sample),
+    requests shaded from start to end, and a rule at each first token (prefill | decode).
+    `samples`: t_s, gpu, power_w; `requests`: start_s, first_token_s, end_s, prompt_id."""
+    if samples.empty:
+        return None
+    line = {"mark": {"type": "line", "interpolate": "step-after", "strokeWidth": 1.5},
+            "data": {"values": _records(samples)},
+            "encoding": {"x": {"field": "t_s", "type": "quantitative", "title": "time since the first request shown (s)"},
+                         "y": {"field": "power_w", "type": "quantitative", "title": "GPU power (W)",
+                               "scale": {"zero": True}},
+                         "color": {"field": "gpu", "type": "nominal", "title": "GPU"},
+                         "tooltip": [{"field": "gpu"}, {"field": "t_s", "format": ".3f", "title": "s"},
+                                     {"field": "power_w", "format": ".0f", "title": "W"}]}}
+    reqs = _records(requests)
+    shade = {"mark": {"type": "rect", "opacity": 0.12, "color": "#4e79a7"}, "data": {"values": reqs},
+             "encoding": {"x": {"field": "start_s", "type": "quantitative"}, "x2": {"field": "end_s"},
+                          "tooltip": [{"field": "prompt_id", "title": "request"},
+                                      {"field": "prefill_j", "format": ".2f", "title": "prefill J"},
+                                      {"field": "decode_j", "format": ".1f", "title": "decode J"}]}}
+    first = {"mark": {"type": "rule", "strokeDash": [3, 3], "color": "#e15759"}, "data": {"values": reqs},
+             "encoding": {"x": {"field": "first_token_s", "type": "quantitative"}}}
+    return {**_base(300, width), "layer": [shade, first, line]}
