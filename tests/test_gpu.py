@@ -44,7 +44,7 @@ def test_both_backends_side_by_side_on_one_gpu_against_nvml(tmp_path):
     assert df["energy_j"].notna().all() and len(df) == 32
     fast = df[df["model"] == "compiled"]
     assert (fast["cache_implementation"] == "static").all() and fast["compiled"].all()
-    assert (fast["steps_past_stop"] <= 1).all()
+    assert (fast["steps_past_stop"] <= 2).all()
     report = []
     for model, rows in df.groupby("model"):
         gpu = int(rows["gpu_index"].iloc[0])
@@ -58,7 +58,7 @@ def test_both_backends_side_by_side_on_one_gpu_against_nvml(tmp_path):
 
 
 @one_gpu
-def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_one_step_late():
+def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_two_steps_late():
     from sweep.backends import load_backend
     from sweep.config import GenerationSettings, ModelSpec
 
@@ -75,7 +75,7 @@ def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_one_step_lat
     be.use_template(dataclasses.replace(be.template, stop_token_ids=(stop,)))
     c = be.generate("Be brief.", "Tell me about the sea.", seed=3)
     assert c.stop_reason == "stop_token" and c.response_tokens == ids.index(stop)
-    assert c.steps_past_stop == 1  # the next step was already queued when the host read the stop
+    assert c.steps_past_stop == 2  # the next two steps were already queued when the host read the stop
 
 
 @one_gpu

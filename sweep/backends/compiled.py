@@ -8,9 +8,10 @@ Our own loop over the Hugging Face model's modules (no model code rewritten):
 - the one-token decode step (forward + sampling on the GPU) compiled by Inductor and
   captured once as a CUDA graph at load; each token is one `graph.replay()`;
 - no host synchronisation per token: each step copies its token into pinned host memory,
-  and the host reads the token of the step before last while the next step is already
-  queued, so the GPU never waits for Python. A stop is therefore seen one step late: the
-  window holds at most one decode step past the stop, and the row says how many
+  and the host reads a token while the next `LOOKAHEAD_STEPS` steps are already queued,
+  so the GPU never waits for Python (two steps ride out a host hiccup of a few ms, e.g.
+  a Ray thread taking the interpreter). A stop is therefore seen up to two steps late:
+  the window holds at most two decode steps past the stop, and the row says how many
   (`steps_past_stop`). Stop strings are checked on the decoded text of the last tokens.
 
 On CPU the same loop runs uncompiled (and checks each token at once), so tests cover it.
@@ -28,6 +29,10 @@ import time
 import torch
 
 from sweep.backends.base import BackendError, Effective, Generation, HFModel
+
+# Decode steps queued ahead of the token the host reads: the bound on steps
+# inside a window past the stop is 2.
+LOOKAHEAD_STEPS = 2
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -221,7 +226,8 @@ class CompiledBackend(HFModel):
         publish(0)
         tokens: list[int] = []
         while True:
-            if len(done) < max_new:  # queue the next step before looking at the last one
+            # Queue steps up to LOOKAHEAD_STEPS past the token read next, before reading it.
+            while len(done) < max_new and len(done) <= len(tokens) + LOOKAHEAD_STEPS:
                 self._graph.replay()
                 publish(len(done))
             i = len(tokens)
