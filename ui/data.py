@@ -204,8 +204,8 @@ class RunsFolder:
         store = RunStore(self.root / run_id)
         utc = pa.timestamp("us", tz="UTC")
         when = ((ds.field("model") == model) & (ds.field("task") == task) & ds.field("power_w").is_valid()
-                & (ds.field("timestamp") >= pa.scalar(pd.Timestamp(start).to_pydatetime(), utc))
-                & (ds.field("timestamp") <= pa.scalar(pd.Timestamp(end).to_pydatetime(), utc)))
+                & (ds.field("timestamp") >= pa.scalar(pd.Timestamp(start).floor("us").to_pydatetime(), utc))
+                & (ds.field("timestamp") <= pa.scalar(pd.Timestamp(end).ceil("us").to_pydatetime(), utc)))
         table = store.read_power(filter=when).select(["host", "gpu_index", "timestamp", "power_w"])
         # A crash between a merge of power files and the removal of its inputs leaves samples twice.
         return table.to_pandas().drop_duplicates().sort_values("timestamp", kind="stable")
