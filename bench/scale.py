@@ -9,7 +9,8 @@ with `RunStore.write_part` in part files of 64 rows, as `FLUSH_ROWS` makes them,
 ~1.3 KB), copied to --root/compacted and compacted there with the real CLI (`python -m
 sweep compact`, timed: the layout a sweep leaves, one file per job). Both are kept for later
 runs of this script. Then, on each layout, each in a fresh process:
-- report: the real CLI (`python -m sweep report RUN --csv DIR`);
+- report: the real CLI (`python -m sweep report RUN --csv DIR`), which validates the run too;
+- validate: the real CLI (`python -m sweep validate RUN`);
 - UI first load: `ui.data.RunsFolder(root).aggregates()`;
 - UI refresh: after a first load, one new part file is written, then `aggregates()` again
   (the file is removed afterwards, so the run stays as built);
@@ -179,7 +180,7 @@ STEPS = {"ui-load": step_ui_load, "ui-refresh": step_ui_refresh, "ui-compact": s
          "ui-detail": step_ui_detail}
 
 
-def measure(cmd: list[str]) -> dict:
+def measure(cmd: list[str], exit_codes: tuple[int, ...] = (0,)) -> dict:
     """Wall time, peak resident memory (of this one child, from wait4) and stdout of a command."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
@@ -188,7 +189,7 @@ def measure(cmd: list[str]) -> dict:
         wall_s = time.perf_counter() - t
         out.seek(0)
         err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        if os.waitstatus_to_exitcode(status) not in exit_codes:
             raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{err.read()[-3000:]}")
         return {"wall_s": wall_s, "peak_mb": usage.ru_maxrss / 1024, "out": out.read()}
 
@@ -200,6 +201,9 @@ def measure_layout(root: Path) -> list[tuple[str, dict, float | None]]:
     with tempfile.TemporaryDirectory() as csv_dir:
         r = measure([sys.executable, "-m", "sweep", "report", str(run_dir), "--csv", csv_dir])
         results.append(("report (CLI, --csv)", r, None))
+    # validate exits 1 when an error-level check fails: a figure all the same.
+    r = measure([sys.executable, "-m", "sweep", "validate", str(run_dir)], exit_codes=(0, 1))
+    results.append(("validate (CLI)", r, None))
     for step, label in (("ui-load", "UI first load"), ("ui-refresh", "UI refresh after 1 new part"),
                         ("ui-compact", "UI refresh after a job compacted"),
                         ("ui-detail", "UI detail of one (model, task)")):
