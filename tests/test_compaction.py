@@ -42,14 +42,20 @@ def _seen_by_pandas(store):
     return Counter(zip(df["model"], df["task"], df["prompt_id"]))
 
 
-def test_a_job_that_closes_is_one_file(tmp_path):
+def _writer_with_rows(tmp_path, n):
+    """A session's writer on a new run, job (m, chat) open with n rows appended."""
     store = RunStore(tmp_path / "r")
     store.create()
     (store.locks_dir / "driver.lock").write_text("pid 1 on h\n")
     w = RunWriter(str(store.run_dir), "pid 1 on h")
     token, _ = w.open_job("m", "chat")
-    for row in _rows("m", 150):
+    for row in _rows("m", n):
         w.append("m", "chat", token, row)
+    return store, w, token
+
+
+def test_a_job_that_closes_is_one_file(tmp_path):
+    store, w, token = _writer_with_rows(tmp_path, 150)
     assert len(_job_files(store, "m")) == 2  # two part files of 64 rows, 22 rows in the log
     w.close_job("m", "chat", token)
     (merged,) = _job_files(store, "m")
@@ -258,13 +264,7 @@ def test_the_live_view_drops_the_replaced_files_and_reads_the_merged_one(tmp_pat
 # -- a full disk --------------------------------------------------------------------------
 
 def test_a_compaction_that_fails_to_write_leaves_the_part_files(tmp_path, monkeypatch, capsys):
-    store = RunStore(tmp_path / "r")
-    store.create()
-    (store.locks_dir / "driver.lock").write_text("pid 1 on h\n")
-    w = RunWriter(str(store.run_dir), "pid 1 on h")
-    token, _ = w.open_job("m", "chat")
-    for row in _rows("m", 100):
-        w.append("m", "chat", token, row)
+    store, w, token = _writer_with_rows(tmp_path, 100)
     real = pq.write_table
 
     def full(table, where, **kwargs):
