@@ -210,7 +210,7 @@ def _planned_jobs(manifest: dict | None) -> list[tuple[str, str]]:
     return [(j.model, j.task) for j in make_plan(models, tasks)]
 
 
-def _stored(ids: pa.Table, planned_prompts: set[str]) -> pd.DataFrame:
+def stored_counts(ids: pa.Table, planned_prompts: set[str]) -> pd.DataFrame:
     """Per (model, task): rows, distinct planned prompt ids, rows of prompts outside the plan."""
     import pyarrow.compute as pc
 
@@ -246,18 +246,20 @@ def temperatures(store: RunStore, seen: dict[str, dict[str, float]] | None = Non
     return out
 
 
-def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, ids: pa.Table, failures: list[dict],
-          max_temperature_c: dict[str, float]) -> RunFacts:
-    """RunFacts from what a reader already has: partials by worker and row ids (sweep.aggregate)."""
-    return RunFacts(_planned_jobs(manifest), planned_prompts, _stored(ids, planned_prompts), job_figures(parts),
-                    finish(parts, WORKER_KEYS), failures, max_temperature_c)
+def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, stored: pd.DataFrame,
+          failures: list[dict], max_temperature_c: dict[str, float]) -> RunFacts:
+    """RunFacts from what a reader already has: partials by worker (sweep.aggregate) and
+    `stored_counts` of the row ids."""
+    return RunFacts(_planned_jobs(manifest), planned_prompts, stored, job_figures(parts), finish(parts, WORKER_KEYS),
+                    failures, max_temperature_c)
 
 
 def collect(store: RunStore) -> RunFacts:
     """What the checks need, read from the run directory (the columns they use only)."""
     planned_prompts = set(store.read_prompts()["prompt_id"])
     parts, ids = store.scan_parts(lambda paths: worker_partials(tuple(paths)))
-    return facts(store.read_manifest(), planned_prompts, parts, ids, store.failures(), temperatures(store))
+    return facts(store.read_manifest(), planned_prompts, parts, stored_counts(ids, planned_prompts), store.failures(),
+                 temperatures(store))
 
 
 def validate(store: RunStore) -> list[Expectation]:

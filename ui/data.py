@@ -77,6 +77,8 @@ class _Cached:
     files: frozenset[str] = frozenset()  # part files the partials cover (a file may hold no rows)
     ids: pa.Table | None = None  # (model, task, prompt_id, part_file) of every row: validation counts them
     temperatures: dict = field(default_factory=dict)  # power file -> its highest temperature per GPU
+    counts: dict = field(default_factory=dict)  # (model, task) -> (its part files, its stored-id counts)
+    planned: set = field(default_factory=set)  # the run's prompt ids the counts were made against
 
 
 @dataclass
@@ -135,21 +137,39 @@ class RunsFolder:
             kept_ids = [hit.ids.filter(pc.is_in(hit.ids[PART_FILE], still))] if old is not None and hit.ids is not None else []
             id_table = pa.concat_tables(kept_ids + ids) if kept_ids + ids else ID_SCHEMA.empty_table()
             agg = finish(table)
-            temps = dict(hit.temperatures) if hit is not None else {}
+            hit = _Cached(fp, agg, table, names, id_table,
+                          hit.temperatures if hit is not None else {}, hit.counts if hit is not None else {},
+                          hit.planned if hit is not None else set())
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
-                agg = agg.merge(self._validation(store, table, id_table, temps), on=["model", "task"], how="left")
-            hit = _Cached(fp, agg, table, names, id_table, temps)
+                hit.aggregates = agg.merge(self._validation(store, table, id_table, hit), on=["model", "task"], how="left")
         self._cache[run_dir.name] = hit
         return hit
 
     @staticmethod
-    def _validation(store: RunStore, parts: pa.Table, ids: pa.Table, temps: dict) -> pd.DataFrame:
+    def _validation(store: RunStore, parts: pa.Table, ids: pa.Table, hit: _Cached) -> pd.DataFrame:
         """Per (model, task): the worst failed check of `sweep validate` ("ok", "warning",
-        "error"), from the partials and ids already read."""
-        facts = validate.facts(store.read_manifest(), set(store.read_prompts()["prompt_id"]),
-                               parts.drop_columns([PART_FILE]), ids.drop_columns([PART_FILE]), store.failures(),
-                               validate.temperatures(store, temps))
+        "error"), from the partials and ids already read. The stored-id counts of a job
+        are kept until its files change: a refresh recounts only the jobs being written."""
+        planned = set(store.read_prompts()["prompt_id"])
+        jobs = parts.group_by(["model", "task"], use_threads=False).aggregate([(PART_FILE, "distinct")])
+        files = {(m, t): frozenset(f) for m, t, f in zip(*(jobs[c].to_pylist() for c in jobs.column_names))}
+        if hit.planned != planned:
+            hit.counts.clear()
+        hit.planned = planned
+        changed = [job for job, f in files.items() if hit.counts.get(job, (None,))[0] != f]
+        for job in set(hit.counts) - set(files):
+            del hit.counts[job]
+        if changed:
+            names = pa.array(sorted(set().union(*(files[j] for j in changed))), pa.string())
+            counted = validate.stored_counts(ids.filter(pc.is_in(ids[PART_FILE], names)), planned)
+            for row in counted.to_dict("records"):
+                job = (row["model"], row["task"])
+                hit.counts[job] = (files[job], row)
+        stored = pd.DataFrame([row for _, row in hit.counts.values()], columns=["model", "task", "rows",
+                                                                              "distinct_planned", "unplanned"])
+        facts = validate.facts(store.read_manifest(), planned, parts.drop_columns([PART_FILE]), stored,
+                               store.failures(), validate.temperatures(store, hit.temperatures))
         return validate.job_status(validate.run_checks(facts))
 
     def aggregates(self) -> pd.DataFrame:
