@@ -128,7 +128,8 @@ def _row_table(scan: pa.Table) -> pa.Table:
     flags = pc.fill_null(pc.binary_join(pc.cast(scan["quality_flags"], pa.list_(pa.string())), " "), "")
     for name, which in COUNTS.items():
         hit = pc.match_substring_regex(flags, r"\b(" + "|".join(which) + r")\b")
-        cols[name] = pc.cast(hit, pa.int64())
+        # Shares of the measured rows: a row without energy (a reset counter) is not among them.
+        cols[name] = pc.cast(pc.and_(measured, hit), pa.int64())
     for key in WORKER_KEYS:
         cols[key] = scan[key]
     # Rows with no energy that do not say why (validate's `energy_present`).

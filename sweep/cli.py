@@ -151,12 +151,24 @@ def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, tod
                 prompt_info = {"source": prompt_set.source, "count": len(prompt_set.prompts),
                                "available": prompt_set.available, "skipped_empty": prompt_set.skipped_empty}
                 manifest = new_manifest(run_id, models, tasks, prompt_info)
-            session = {"started_at": _now(), "argv": sys.argv[1:]}
+            # The tasks this session was asked for: `validate` plans a run by its sessions' tasks.
+            session = {"started_at": _now(), "argv": sys.argv[1:],
+                       "tasks": sorted({j.task for j in jobs})}
             manifest["sessions"].append(session)
             store.write_manifest(manifest)
             # Jobs this session will not touch: part files that a crash left uncompacted
             # (or a compaction cut short left behind) are merged now; the others are when
             # they end.
+            # A job whose last rows a crash left only in its log counts as done (a resume
+            # reads logs too) and is not run again: its rows move into the dataset here.
+            for j in (j for j in jobs if j not in todo):
+                slug = job_slug(j.model, j.task)
+                if (store.wal_dir / f"{slug}.jsonl").is_file():
+                    try:
+                        with store.job_lock(slug, timeout_s=0):
+                            store.recover_wal(slug, j.model, j.task)
+                    except TimeoutError:  # a leftover writer still holds it: its end writes them
+                        pass
             compacted, _, _ = store.compact_run(skip={job_slug(j.model, j.task) for j in todo})
             if compacted:
                 print(f"Compacted the part files of {compacted} job(s) that an earlier session left uncompacted")

@@ -379,22 +379,33 @@ class RunStore:
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         return atomic_write(self.power_dir / name, lambda tmp: pq.write_table(samples, tmp))
 
-    def power_files(self) -> list[Path]:
-        """The power timeline's files, less those a merged file replaces (as part_files)."""
+    def _power_listing(self) -> tuple[set[str], set[str]]:
+        """(names of the power files, names that a merged one among them replaces)."""
         try:
             names = {n for n in os.listdir(self.power_dir) if n.endswith(".parquet") and not n.startswith((".", "_"))}
         except FileNotFoundError:
-            return []
+            return set(), set()
         replaced: set[str] = set()
         for name in names:
-            if name.endswith(MERGED_SUFFIX):
+            if not name.endswith(MERGED_SUFFIX):
+                continue
+            path = self.power_dir / name
+            covers = _replaces_cache.get(str(path))
+            if covers is None:
                 try:
-                    meta = pq.read_metadata(self.power_dir / name).metadata or {}
-                    replaced |= set(json.loads(meta.get(REPLACES_KEY, b"[]")))
+                    covers = frozenset(json.loads((pq.read_metadata(path).metadata or {}).get(REPLACES_KEY, b"[]")))
                 except FileNotFoundError:
                     continue
                 except (pa.ArrowException, ValueError, TypeError):
-                    self.set_aside(self.power_dir / name, "damaged power timeline file")
+                    self.set_aside(path, "damaged power timeline file")
+                    continue
+                _replaces_cache[str(path)] = covers
+            replaced |= covers
+        return names, replaced
+
+    def power_files(self) -> list[Path]:
+        """The power timeline's files, less those a merged file replaces (as part_files)."""
+        names, replaced = self._power_listing()
         return sorted(self.power_dir / n for n in names - replaced if (self.power_dir / n).exists())
 
     def read_power(self, filter=None, files: list[Path] | None = None) -> pa.Table:
@@ -413,18 +424,23 @@ class RunStore:
         return pa.concat_tables(tables).replace_schema_metadata(None) if tables else POWER_SCHEMA.empty_table()
 
     def compact_power(self, slug: str) -> None:
-        """A job's power files into one, as `compact` does for its rows (the merged file
-        names the files it replaces, and is durable before they go)."""
-        mine = [p for p in self.power_files() if part_job(p.name) == slug]
-        if len(mine) < 2:
-            return
-        table = pa.concat_tables(pq.read_table(p) for p in mine)
-        table = table.replace_schema_metadata({REPLACES_KEY: json.dumps(sorted(p.name for p in mine)).encode()})
-        name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{MERGED_SUFFIX}"
-        atomic_write(self.power_dir / name, lambda tmp: pq.write_table(table, tmp))
-        for path in mine:
-            path.unlink(missing_ok=True)
-        _fsync_dir(self.power_dir)
+        """A job's power files into one, as `compact` does for its rows: the merged file
+        names every file of the job it covers (leftovers of a cut-short merge included),
+        and is durable before they go."""
+        names, replaced = self._power_listing()
+        mine = sorted(n for n in names if part_job(n) == slug)
+        visible = [n for n in mine if n not in replaced]
+        gone = [n for n in mine if n in replaced]
+        if len(visible) > 1:
+            table = pa.concat_tables(pq.read_table(self.power_dir / n) for n in visible)
+            table = table.replace_schema_metadata({REPLACES_KEY: json.dumps(visible + gone).encode()})
+            name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{MERGED_SUFFIX}"
+            atomic_write(self.power_dir / name, lambda tmp: pq.write_table(table, tmp))
+            gone += visible
+        for n in gone:
+            (self.power_dir / n).unlink(missing_ok=True)
+        if gone:
+            _fsync_dir(self.power_dir)
 
     def compact(self, slug: str) -> int:
         """Merge job `slug`'s part files into one and remove them; returns how many files

@@ -45,7 +45,7 @@ class Expectation:
 
 @dataclass
 class RunFacts:
-    planned_jobs: list[tuple[str, str]]  # (model, task) of the manifest's plan
+    planned_jobs: list[tuple[str, str]] | None  # (model, task) of the manifest's plan; None: unreadable
     planned_prompts: set[str]
     stored: pd.DataFrame  # per (model, task): rows, distinct_planned, unplanned
     jobs: pd.DataFrame  # figures per KEYS (sweep.aggregate)
@@ -61,6 +61,9 @@ def _job_name(model: str, task: str) -> str:
 # -- the checks ----------------------------------------------------------------------
 def check_complete(f: RunFacts) -> list[Expectation]:
     """Every planned (model, task, prompt) is stored."""
+    if f.planned_jobs is None:
+        return [Expectation("complete", False, WARNING, "the manifest's models or tasks cannot be read by this "
+                            "version of sweep: completeness not checked")]
     stored = f.stored.set_index(["model", "task"]) if len(f.stored) else None
     out = []
     for model, task in f.planned_jobs:
@@ -148,7 +151,9 @@ def check_flagged_share(f: RunFacts) -> list[Expectation]:
 def check_host_bound(f: RunFacts) -> list[Expectation]:
     """The GPU works during requests: mean power well above idle."""
     out = []
-    for r in f.jobs[(f.jobs["measured"] > 0) & f.jobs["idle_power"].notna()].itertuples():
+    # Rows written before mean_power_w existed have none: nothing to judge.
+    known = (f.jobs["measured"] > 0) & f.jobs["idle_power"].notna() & f.jobs["mean_power"].notna()
+    for r in f.jobs[known].itertuples():
         ratio = r.mean_power / r.idle_power
         ok = ratio > HOST_BOUND_OF_IDLE
         out.append(Expectation("gpu_busy", ok, WARNING,
@@ -199,14 +204,25 @@ def run_checks(facts: RunFacts) -> list[Expectation]:
 
 
 # -- reading a run -------------------------------------------------------------------
-def _planned_jobs(manifest: dict | None) -> list[tuple[str, str]]:
+def _planned_jobs(manifest: dict | None) -> list[tuple[str, str]] | None:
+    """(model, task) of the run's plan: the manifest's models x tasks, limited to the tasks
+    its sessions asked for (`--task`); None when the manifest cannot be read as a plan."""
+    from pydantic import ValidationError
+
     from sweep.config import ModelsFile, TasksFile
     from sweep.plan import make_plan
 
     if not manifest or "models" not in manifest or "tasks" not in manifest:
         return []
-    models = ModelsFile.model_validate({"models": manifest["models"]})
-    tasks = TasksFile.model_validate(manifest["tasks"])
+    try:
+        models = ModelsFile.model_validate({"models": manifest["models"]})
+        tasks = TasksFile.model_validate(manifest["tasks"])
+    except (ValidationError, TypeError):  # written by another version of sweep
+        return None
+    sessions = [s for s in manifest.get("sessions", []) if isinstance(s, dict)]
+    if sessions and all(isinstance(s.get("tasks"), list) for s in sessions):
+        asked = {t for s in sessions for t in s["tasks"]}
+        return [(j.model, j.task) for j in make_plan(models, tasks) if j.task in asked]
     return [(j.model, j.task) for j in make_plan(models, tasks)]
 
 

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sweep.config import ModelSpec, TasksFile
+from sweep.meters.timeline import PowerTimeline
 from sweep.prompts import Prompt
 from sweep.quality import mean_power_w, row_flags
 from sweep.record import ResultRow
@@ -56,11 +57,11 @@ def _device_info(num_gpus: int) -> dict[str, Any]:
 def _start_timeline(num_gpus: int, device: dict):
     """The worker's power timeline, or None (with a warning) where Zeus cannot record one:
     the energy counter still measures every request."""
-    from sweep.meters.timeline import PowerTimeline
-
-    physical = [int(i) if str(i).isdigit() else n for n, i in enumerate(device.get("gpu_indices", []))]
+    visible = list(device.get("gpu_indices", []))
+    # One physical index per GPU of the worker (positions where CUDA_VISIBLE_DEVICES says nothing).
+    physical = [int(visible[n]) if n < len(visible) and str(visible[n]).isdigit() else n for n in range(num_gpus)]
     try:
-        return PowerTimeline(num_gpus, physical or list(range(num_gpus)), device["host"])
+        return PowerTimeline(num_gpus, physical, device["host"])
     except Exception as exc:
         print(f"warning: no power timeline ({type(exc).__name__}: {exc}); prefill/decode energy stays empty", flush=True)
         return None
@@ -172,7 +173,17 @@ class Worker:
         writer.append(self._measure(task, system_prompt, prompt))
         self.hub.advance.remote(self.spec.name, task)
         if time.monotonic() - self._power_written_at >= POWER_WRITE_S:
-            self._write_power(writer, task)
+            try:
+                self._write_power(writer, task)
+            except Exception as exc:
+                if is_disk_full(_cause(exc)):
+                    raise
+                self._drop_timeline(f"power samples not stored ({type(exc).__name__}: {exc})")
+
+    def _drop_timeline(self, why: str) -> None:
+        """The timeline is an addition: a fault in it stops it, never the job or a row."""
+        print(f"warning: {why}; the power timeline stops, prefill/decode energy stays empty", flush=True)
+        self.timeline = None
 
     def _write_power(self, writer, task: str) -> None:
         """The power samples taken since the last write, into the run's power/ folder."""
@@ -192,8 +203,12 @@ class Worker:
         prefill_j = decode_j = None
         if self.timeline is not None and out.ttft_s is not None:
             first_token = reading.start_unix_s + out.ttft_s
-            prefill_j = self.timeline.energy_j(reading.start_unix_s, first_token)
-            decode_j = self.timeline.energy_j(first_token, reading.end_unix_s)
+            try:
+                prefill_j = self.timeline.energy_j(reading.start_unix_s, first_token)
+                decode_j = self.timeline.energy_j(first_token, reading.end_unix_s)
+            except Exception as exc:
+                prefill_j = decode_j = None
+                self._drop_timeline(f"power timeline failed ({type(exc).__name__}: {exc})")
         flags = row_flags(metered=self.meter.available, window_s=reading.time_s, energy_j=energy,
                           zero_counter=reading.zero_counter, counter_reset=reading.counter_reset,
                           idle_power_w=self.idle_power_w, power_limit_w=self.meter.power_limit_w,
@@ -241,5 +256,5 @@ class Worker:
             power_limit_w=self.meter.power_limit_w,
             prefill_energy_j=prefill_j,
             decode_energy_j=decode_j,
-            energy_split_method=self.timeline.method if prefill_j is not None else None,
+            energy_split_method=PowerTimeline.method if prefill_j is not None else None,
         ).to_dict()

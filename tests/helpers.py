@@ -82,7 +82,8 @@ def synthetic_rows(run_id, model, task, energies, tokens, gpu_name="NVIDIA H200"
             "stop_reason": "stop_token", "response": f"answer {i} of {model}", "started_at": t0 + timedelta(seconds=i),
             "backend": "transformers", "dtype": "float16", "template": "fastchat:vicuna_v1.1", "temperature": 0.7,
             "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 512, "cache_implementation": "dynamic",
-            "quality_flags": ([] if e is None else ["coarse_window"] if lat < 1.0 else []) + (["max_new_tokens"] if n >= 512 else []),
+            "quality_flags": (["counter_reset"] if e is None else ["coarse_window"] if lat < 1.0 else [])
+                             + (["max_new_tokens"] if n >= 512 else []),
             "window_s": lat, "mean_power_w": None if e is None else e / lat, "power_limit_w": 700.0,
             "prefill_energy_j": None if e is None else 0.05 * e, "decode_energy_j": None if e is None else 0.95 * e,
             "energy_split_method": None if e is None else "synthetic",

@@ -269,3 +269,26 @@ def test_validate_a_complete_run_then_damaged_copies(default_run, tmp_path):
     failed = [e for e in json.loads(proc.stdout) if not e["passed"]]
     assert [(e["check"], e["model"], e["task"]) for e in failed] == [("stored_once", "tiny-vicuna", "chat")]
     assert f"{pq.read_table(part).num_rows} duplicated" in failed[0]["message"]
+
+
+def test_rows_left_only_in_a_log_reach_the_dataset_when_the_run_is_resumed(default_run, tmp_path):
+    """A crash after a job's last rows were logged but before they reached Parquet: the
+    resume counts them as stored and runs nothing, and moves them into the dataset."""
+    import shutil
+
+    from sweep.store import job_slug
+
+    _, run_dir, _ = default_run
+    copy = shutil.copytree(run_dir, tmp_path / "runs" / "r")
+    (part,) = (copy / "results").glob("tiny-vicuna__chat*.parquet")
+    rows = pq.read_table(part).to_pylist()
+    (copy / "wal" / f"{job_slug('tiny-vicuna', 'chat')}.jsonl").write_text(
+        "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    part.unlink()
+    assert run_sweep_cli("validate", copy).returncode == 1
+    proc = run_sweep_cli("--config", LINEUP, "--tasks", run_dir.parent.parent / "tasks.yaml", "--out", copy.parent,
+                         "--run-id", "r", "--max-prompts", "6", "--no-dashboard")
+    assert proc.returncode == 0 and "Nothing to do" in proc.stdout, proc.stdout + proc.stderr
+    check = run_sweep_cli("validate", copy)
+    assert check.returncode == 0, check.stdout
+    assert not list((copy / "wal").glob("*.jsonl"))

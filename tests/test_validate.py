@@ -262,3 +262,51 @@ def test_power_files_of_a_job_are_merged_with_its_rows(tmp_path):
     assert merged.name.endswith(".merged.parquet")
     assert sorted(got["power_w"].dropna()) == [200.0, 201.0, 202.0] and got["temperature_c"].notna().sum() == 2
     assert temperatures(store) == {"h GPU 0": 61.0, "h GPU 1": 64.0}
+
+
+def test_a_merge_of_power_files_cut_short_leaves_no_sample_twice(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sweep.meters.timeline import POWER_SCHEMA
+    from sweep.store import RunStore, job_slug
+
+    store = RunStore(tmp_path / "r")
+    store.create()
+    slug = job_slug("m", "chat")
+
+    def part(k):
+        import pyarrow as pa
+
+        store.write_power_part(pa.table({"model": ["m"], "task": ["chat"], "host": ["h"], "gpu_index": [0],
+                                         "timestamp": [1_700_000_000_000_000 + k], "power_w": [float(k)],
+                                         "temperature_c": [None]}, schema=POWER_SCHEMA), slug)
+
+    part(1), part(2)
+    real = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: None)  # a crash before the removals
+    store.compact_power(slug)
+    monkeypatch.setattr(Path, "unlink", real)
+    assert len(store.power_files()) == 1 and store.read_power().num_rows == 2
+    part(3)
+    store.compact_power(slug)  # merges the merged file and the new one; the first inputs go too
+    assert sorted(store.read_power()["power_w"].to_pylist()) == [1.0, 2.0, 3.0]
+    assert len(list(store.power_dir.glob("*.parquet"))) == 1
+
+
+def test_plan_follows_the_sessions_tasks_and_an_unreadable_one_is_said(tmp_path):
+    from sweep.validate import _planned_jobs
+
+    manifest = {"models": [{"name": "m", "path": "random:llama-tiny"}], "tasks": TASKS,
+                "sessions": [{"tasks": ["chat"]}, {"tasks": ["instruct"]}]}
+    assert _planned_jobs(manifest) == [("m", "chat"), ("m", "instruct")]
+    manifest["sessions"].append({"argv": []})  # a session from before sessions recorded their tasks: all of them
+    assert len(_planned_jobs(manifest)) == len(TASKS["tasks"])
+    assert _planned_jobs(dict(manifest, models=[{"name": "m", "path": "random:llama-tiny", "gpus": 0}])) is None
+    facts = replace(_facts(tmp_path, [_rows()]), planned_jobs=None)
+    [e] = [e for e in run_checks(facts) if e.check == "complete"]
+    assert not e.passed and e.severity == WARNING and "cannot be read" in e.message
+
+
+def test_rows_from_before_mean_power_are_not_judged_host_bound(tmp_path):
+    rows = [dict(r, mean_power_w=None) for r in _rows()]
+    assert not [e for e in run_checks(_facts(tmp_path, [rows])) if e.check == "gpu_busy"]

@@ -191,8 +191,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
 
     def model_detail(run_id, model, task):
         """Summary, energy and length distributions, and sample responses of one
-        (run, model, task): one value per component of `detail_out`, in that order.
-        Further per-job views (e.g. a power timeline) go here."""
+        (run, model, task), and the power timeline of its first requests: one value per
+        component of `detail_out`, in that order."""
         sub = folder.rows(run_id, model, task) if run_id and model and task else None
         if sub is None:
             return "Pick a run with per-request rows, a model and a task.", None, "", None, None, None, ""

@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 from sweep.aggregate import PART_FILE, finish, partials, results_dataset
 from sweep.report import AGGREGATES_FILE, read_imported
 from sweep import validate
-from sweep.store import PartsChanged, RunStore
+from sweep.store import PartsChanged, RunStore, warn
 
 # Columns of the leaderboard, in order, with their (short) headers; units in the header.
 DISPLAY = {
@@ -142,7 +142,12 @@ class RunsFolder:
                           hit.planned if hit is not None else set())
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
-                hit.aggregates = agg.merge(self._validation(store, table, id_table, hit), on=["model", "task"], how="left")
+                try:
+                    status = self._validation(store, table, id_table, hit)
+                except Exception as exc:  # the figures still show; only their check is missing
+                    warn(f"{run_dir}: validation failed ({type(exc).__name__}: {exc})")
+                    status = pd.DataFrame(columns=["model", "task", "validation"])
+                hit.aggregates = agg.merge(status, on=["model", "task"], how="left")
         self._cache[run_dir.name] = hit
         return hit
 

@@ -83,22 +83,23 @@ class PowerTimeline:
         self._power, self._temperature = power_monitor, temperature_monitor
         self._gpus = {i: _Gpu() for i in self._indices}
         self._temps: list[tuple[float, int, float]] = []
-        self._temp_seen = 0.0
+        self._temp_seen: dict[int, float] = {}  # per GPU, the last temperature sample handed out
 
     def _collect(self) -> None:
         """New samples from the monitor's processes into this object's lists."""
-        for i, timeline in self._power.get_power_timeline("device_instant").items():
-            g = self._gpus[i]
-            last = g.times_s[-1] if g.times_s else float("-inf")
-            for t, p in timeline:
-                if t > last:
+        for i, g in self._gpus.items():
+            last = g.times_s[-1] if g.times_s else None
+            for t, p in self._power.get_power_timeline("device_instant", gpu_index=i, start_time=last).get(i, []):
+                if last is None or t > last:
                     g.times_s.append(t)
                     g.power_w.append(p)
         if self._temperature is not None:
-            for i, timeline in self._temperature.get_temperature_timeline(start_time=self._temp_seen).items():
-                self._temps += [(t, i, float(c)) for t, c in timeline if t > self._temp_seen]
-            if self._temps:
-                self._temp_seen = max(t for t, _, _ in self._temps)
+            for i, timeline in self._temperature.get_temperature_timeline(start_time=min(self._temp_seen.values(),
+                                                                                         default=None)).items():
+                seen = self._temp_seen.get(i, float("-inf"))
+                self._temps += [(t, i, float(c)) for t, c in timeline if t > seen]
+                if timeline:
+                    self._temp_seen[i] = max(seen, max(t for t, _ in timeline))
 
     def energy_j(self, t0: float, t1: float) -> float | None:
         """Energy (J) of all the worker's GPUs over [t0, t1] (time.time() clock)."""

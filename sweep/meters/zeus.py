@@ -55,11 +55,12 @@ class EnergyMeter:
         return self._monitor is not None
 
     def begin(self, key: str) -> None:
-        self._t0_unix = time.time()
         if self._monitor is not None:
             self._monitor.begin_window(key, sync_execution=True)
         else:
             self._t0 = time.perf_counter()
+        # After the window opened (its GPU sync included): the backend's clock starts next.
+        self._t0_unix = time.time()
 
     def end(self, key: str) -> EnergyReading:
         if self._monitor is None:
