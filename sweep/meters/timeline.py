@@ -19,8 +19,10 @@ import pyarrow as pa
 # its own process and sends only changed readings.
 POLL_PERIOD_S = 0.02
 TEMPERATURE_PERIOD_S = 1.0
-# Zeus keeps at most this many samples per GPU; they are handed out after every request.
-MAX_SAMPLES_PER_GPU = 50_000
+# Zeus keeps at most this many samples per GPU (200 s at 50 Hz, more as it keeps only
+# changed readings). They are copied out after every request, and each copy walks all of
+# them in Python between requests: small enough to cost a few ms, large enough for a request.
+MAX_SAMPLES_PER_GPU = 10_000
 
 POWER_SCHEMA = pa.schema([
     ("model", pa.string()),  # the job open when the samples were written
