@@ -95,11 +95,15 @@ def read_part(path: Path, columns: list[str] = SCAN_COLUMNS) -> pa.Table:
     """Some columns of one part file, in today's types; a column the file predates is null."""
     pf = pq.ParquetFile(path, pre_buffer=False)  # local files: pre-buffering only adds a copy (~20% of the CPU)
     stored = set(pf.schema_arrow.names)
-    table = pf.read(columns=[c for c in columns if c in stored], use_threads=False)
+    return _conform(pf.read(columns=[c for c in columns if c in stored], use_threads=False), columns)
+
+
+def _conform(table: pa.Table, columns: list[str]) -> pa.Table:
+    """`columns` of `table` in today's types; a column it lacks is null."""
     schema = pa.schema([RESULT_SCHEMA.field(c) for c in columns])
     if table.schema.equals(schema):
         return table
-    return pa.table({f.name: table[f.name] if f.name in stored else pa.nulls(table.num_rows, f.type)
+    return pa.table({f.name: table[f.name] if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
                      for f in schema}).cast(schema)
 
 
@@ -124,8 +128,7 @@ def _row_table(scan: pa.Table) -> pa.Table:
     # The first token comes out of the prefill; decode makes the rest.
     has_decode = pc.is_valid(cols["decode_energy"])
     cols["decode_tokens"] = pc.if_else(has_decode, pc.max_element_wise(pc.subtract(tokens, 1.0), 0.0), _NULL)
-    # A frame whose lists are all empty arrives as list<null>.
-    flags = pc.fill_null(pc.binary_join(pc.cast(scan["quality_flags"], pa.list_(pa.string())), " "), "")
+    flags = pc.fill_null(pc.binary_join(scan["quality_flags"], " "), "")
     for name, which in COUNTS.items():
         hit = pc.match_substring_regex(flags, r"\b(" + "|".join(which) + r")\b")
         # Shares of the measured rows: a row without energy (a reset counter) is not among them.
@@ -175,15 +178,12 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, 
             columns = SCAN_COLUMNS + ([] if ids is None else ["prompt_id"])
             tables = (list(pool.map(lambda p: read_part(p, columns), chunk))
                       or [RESULT_SCHEMA.empty_table().select(columns)])
-            if ids is not None:
-                ids.append(pa.concat_tables(
-                    t.select(["model", "task", "prompt_id"]).append_column(PART_FILE, pa.repeat(start + i, t.num_rows))
-                    for i, t in enumerate(tables)))
-                tables = [t.drop_columns(["prompt_id"]) for t in tables]
             # The file's position in `paths`: a number to group by, its name once per group.
-            tagged = [t.append_column(PART_FILE, pa.repeat(pa.scalar(start + i, pa.int32()), t.num_rows))
-                      for i, t in enumerate(tables)]
-            out.append(_group(_row_table(pa.concat_tables(tagged)), keys))
+            tagged = pa.concat_tables(t.append_column(PART_FILE, pa.repeat(pa.scalar(start + i, pa.int32()), t.num_rows))
+                                      for i, t in enumerate(tables))
+            if ids is not None:
+                ids.append(tagged.select(["model", "task", "prompt_id", PART_FILE]))
+            out.append(_group(_row_table(tagged), keys))
     table = pa.concat_tables(out)
     names = pa.array([Path(p).name for p in paths], pa.string())
 
@@ -197,9 +197,7 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, 
 
 def partials_of_table(rows: pa.Table) -> pa.Table:
     """Partial sums of rows already in memory; a column they lack counts as null."""
-    cols = {f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
-            for f in (RESULT_SCHEMA.field(c) for c in SCAN_COLUMNS)}
-    return _group(_row_table(pa.table(cols)), PARTIAL_KEYS)
+    return _group(_row_table(_conform(rows, SCAN_COLUMNS)), PARTIAL_KEYS)
 
 
 def finish(parts: pa.Table, extra_keys: list[str] = []) -> pd.DataFrame:
@@ -257,10 +255,6 @@ def _figures(out: pd.DataFrame, s: dict[str, np.ndarray], keys: list[str] = KEYS
     out["energy_note"] = out["energy_note"].where(out["measured"] == 0, None)
     return out[keys + FIGURES]
 
-
-def aggregate_files(paths: list[Path]) -> pd.DataFrame:
-    """Figures of every group in some part files."""
-    return finish(partials(paths))
 
 
 @functools.lru_cache(maxsize=1)

@@ -248,10 +248,10 @@ class RunStore:
             return empty
 
     # -- the dataset ------------------------------------------------------------------
-    def _names(self) -> set[str]:
-        """Names of the files a dataset reader (pandas, pyarrow) would read from results/."""
+    def _names(self, folder: Path | None = None) -> set[str]:
+        """Names of the files a dataset reader (pandas, pyarrow) would read from results/ (or `folder`)."""
         try:
-            with os.scandir(self.results_dir) as entries:  # no stat per file: a run may hold thousands
+            with os.scandir(folder or self.results_dir) as entries:  # no stat per file: a run may hold thousands
                 return {e.name for e in entries if not e.name.startswith((".", "_")) and e.is_file()}
         except FileNotFoundError:
             return set()
@@ -260,8 +260,10 @@ class RunStore:
         paths = [self.results_dir / n for n in sorted(self._names() if names is None else names)]
         return [p for p in paths if p not in self._damaged] if self._damaged else paths
 
-    def _replaced(self, listed: list[Path]) -> set[str]:
-        """Names of the files that the merged files among `listed` replace."""
+    def _replaced(self, listed: list[Path], damaged: str = "damaged part file ({}), its rows count as not "
+                                                           "stored") -> set[str]:
+        """Names of the files that the merged files among `listed` replace (results/ or
+        power/); a merged file whose footer cannot be read is set aside (`damaged`)."""
         replaced: set[str] = set()
         for path in listed:
             if not path.name.endswith(MERGED_SUFFIX):
@@ -274,8 +276,7 @@ class RunStore:
                 except FileNotFoundError:  # replaced in turn meanwhile: the caller lists again
                     continue
                 except (pa.ArrowException, ValueError, TypeError) as exc:
-                    what = str(exc).split(": ", 1)[-1].split(". ")[0][:120]
-                    self.set_aside(path, f"damaged part file ({what}), its rows count as not stored")
+                    self.set_aside(path, damaged.format(str(exc).split(": ", 1)[-1].split(". ")[0][:120]))
                     continue
                 _replaces_cache[str(path)] = names
             replaced |= names
@@ -381,32 +382,13 @@ class RunStore:
 
     def _power_listing(self) -> tuple[set[str], set[str]]:
         """(names of the power files, names that a merged one among them replaces)."""
-        try:
-            names = {n for n in os.listdir(self.power_dir) if n.endswith(".parquet") and not n.startswith((".", "_"))}
-        except FileNotFoundError:
-            return set(), set()
-        replaced: set[str] = set()
-        for name in names:
-            if not name.endswith(MERGED_SUFFIX):
-                continue
-            path = self.power_dir / name
-            covers = _replaces_cache.get(str(path))
-            if covers is None:
-                try:
-                    covers = frozenset(json.loads((pq.read_metadata(path).metadata or {}).get(REPLACES_KEY, b"[]")))
-                except FileNotFoundError:
-                    continue
-                except (pa.ArrowException, ValueError, TypeError):
-                    self.set_aside(path, "damaged power timeline file")
-                    continue
-                _replaces_cache[str(path)] = covers
-            replaced |= covers
-        return names, replaced
+        names = self._names(self.power_dir)
+        return names, self._replaced([self.power_dir / n for n in names], "damaged power timeline file ({})")
 
     def power_files(self) -> list[Path]:
         """The power timeline's files, less those a merged file replaces (as part_files)."""
         names, replaced = self._power_listing()
-        return sorted(self.power_dir / n for n in names - replaced if (self.power_dir / n).exists())
+        return sorted(self.power_dir / n for n in names - replaced)
 
     def read_power(self, filter=None, files: list[Path] | None = None) -> pa.Table:
         """The power timeline (POWER_SCHEMA), of `files` or of the whole run; a damaged

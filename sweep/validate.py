@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sweep.aggregate import KEYS, WORKER_KEYS, finish, job_figures, worker_partials
+from sweep.aggregate import WORKER_KEYS, finish, job_figures, worker_partials
 from sweep.quality import FLAGS
 from sweep.store import RunStore
 
@@ -317,5 +317,3 @@ def print_table(expectations: list[Expectation]) -> None:
     errors = sum(1 for e in failed if e.severity == ERROR)
     print(f"\n{'FAILED' if errors else 'PASSED'}: {errors} error(s), {len(failed) - errors} warning(s)")
 
-
-__all__ = ["Expectation", "RunFacts", "CHECKS", "collect", "run_checks", "validate", "job_status", "KEYS"]

@@ -194,7 +194,6 @@ class Worker:
                 writer.append_power(samples)
 
     def _measure(self, task: str, system_prompt: str, prompt: Prompt) -> dict[str, Any]:
-        started_at = datetime.now(timezone.utc)
         self.meter.begin(prompt.prompt_id)
         out = self.backend.generate(system_prompt, prompt.text, seed=request_seed(self.tasks.prompts.seed, task, prompt.prompt_id))
         reading = self.meter.end(prompt.prompt_id)
@@ -202,10 +201,9 @@ class Worker:
         g, b = self.tasks.generation, self.backend
         prefill_j = decode_j = None
         if self.timeline is not None and out.ttft_s is not None:
-            first_token = reading.start_unix_s + out.ttft_s
             try:
-                prefill_j = self.timeline.energy_j(reading.start_unix_s, first_token)
-                decode_j = self.timeline.energy_j(first_token, reading.end_unix_s)
+                prefill_j, decode_j = self.timeline.energy_j(reading.start_unix_s, reading.start_unix_s + out.ttft_s,
+                                                             reading.end_unix_s)
             except Exception as exc:
                 prefill_j = decode_j = None
                 self._drop_timeline(f"power timeline failed ({type(exc).__name__}: {exc})")
@@ -239,7 +237,7 @@ class Worker:
             energy_note=reading.note,
             stop_reason=out.stop_reason,
             response=out.response,
-            started_at=started_at,
+            started_at=datetime.fromtimestamp(reading.start_unix_s, timezone.utc),  # the window's start
             backend=b.name,
             dtype=b.dtype_name,
             template=b.template.name,

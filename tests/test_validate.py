@@ -129,14 +129,14 @@ def test_timeline_energy_over_gpus_and_samples_written_once():
     timeline = PowerTimeline(2, [4, 5], "h", power_monitor=power, temperature_monitor=None)
     power.samples[0] += [(100.0, 200.0), (101.0, 400.0)]
     power.samples[1] += [(100.0, 100.0)]
-    assert timeline.energy_j(100.0, 102.0) == pytest.approx((200.0 + 400.0) + 200.0)
+    assert timeline.energy_j(100.0, 101.0, 102.0) == pytest.approx([200.0 + 100.0, 400.0 + 100.0])
     first = timeline.take("m", "chat").to_pandas()
     assert len(first) == 3 and set(first["gpu_index"]) == {4, 5} and first["temperature_c"].isna().all()
     power.samples[0] += [(103.0, 250.0)]
     second = timeline.take("m", "chat").to_pandas()
     assert len(second) == 1 and second["power_w"].tolist() == [250.0]  # nothing twice
     # windows start after the samples handed out; the last reading before one still holds in it
-    assert timeline.energy_j(104.0, 106.0) == pytest.approx(2 * 250.0 + 2 * 100.0)
+    assert timeline.energy_j(104.0, 106.0) == pytest.approx([2 * 250.0 + 2 * 100.0])
 
 
 # -- validate's checks ------------------------------------------------------------------

@@ -232,8 +232,7 @@ class RunsFolder:
                 & (ds.field("timestamp") >= pa.scalar(pd.Timestamp(start).floor("us").to_pydatetime(), utc))
                 & (ds.field("timestamp") <= pa.scalar(pd.Timestamp(end).ceil("us").to_pydatetime(), utc)))
         table = store.read_power(filter=when).select(["host", "gpu_index", "timestamp", "power_w"])
-        # A crash between a merge of power files and the removal of its inputs leaves samples twice.
-        return table.to_pandas().drop_duplicates().sort_values("timestamp", kind="stable")
+        return table.to_pandas().sort_values("timestamp", kind="stable")
 
     def prompts(self, run_id: str) -> pd.DataFrame:
         return RunStore(self.root / run_id).read_prompts()

@@ -39,8 +39,10 @@ def integrate_j(times_s: list[float], power_w: list[float], t0: float, t1: float
     """Energy (J) over [t0, t1] of one GPU's samples (sorted times, each reading holding
     until the next). Before the first sample the first reading is assumed; None when
     there is no sample at all."""
-    if not times_s or t1 <= t0:
-        return None if not times_s else 0.0
+    if not times_s:
+        return None
+    if t1 <= t0:
+        return 0.0
     i = max(bisect.bisect_right(times_s, t0) - 1, 0)
     energy, t, p = 0.0, t0, power_w[i]
     for j in range(i + 1, len(times_s)):
@@ -103,11 +105,15 @@ class PowerTimeline:
                 if timeline:
                     self._temp_seen[i] = max(seen, max(t for t, _ in timeline))
 
-    def energy_j(self, t0: float, t1: float) -> float | None:
-        """Energy (J) of all the worker's GPUs over [t0, t1] (time.time() clock)."""
+    def energy_j(self, *bounds: float) -> list[float | None]:
+        """Energy (J) of all the worker's GPUs over each interval between consecutive
+        `bounds` (time.time() clock): (start, first token, end) -> [prefill, decode]."""
         self._collect()
-        parts = [integrate_j(g.times_s, g.power_w, t0, t1) for g in self._gpus.values()]
-        return None if any(p is None for p in parts) else float(sum(parts))
+        out = []
+        for t0, t1 in zip(bounds, bounds[1:]):
+            parts = [integrate_j(g.times_s, g.power_w, t0, t1) for g in self._gpus.values()]
+            out.append(None if any(p is None for p in parts) else float(sum(parts)))
+        return out
 
     def take(self, model: str, task: str) -> pa.Table:
         """Samples not yet handed out, as a table of POWER_SCHEMA. The last sample of each
@@ -130,8 +136,3 @@ class PowerTimeline:
         self._temps = []
         # Microseconds since the epoch: pyarrow takes integers for a timestamp column.
         return pa.Table.from_pydict(rows, schema=POWER_SCHEMA)
-
-    def stop(self) -> None:
-        self._power.stop()
-        if self._temperature is not None:
-            self._temperature.stop()
