@@ -263,11 +263,11 @@ def temperatures(store: RunStore, seen: dict[str, dict[str, float]] | None = Non
 
 
 def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, stored: pd.DataFrame,
-          failures: list[dict], max_temperature_c: dict[str, float]) -> RunFacts:
-    """RunFacts from what a reader already has: partials by worker (sweep.aggregate) and
-    `stored_counts` of the row ids."""
-    return RunFacts(_planned_jobs(manifest), planned_prompts, stored, job_figures(parts), finish(parts, WORKER_KEYS),
-                    failures, max_temperature_c)
+          failures: list[dict], max_temperature_c: dict[str, float], jobs: pd.DataFrame | None = None) -> RunFacts:
+    """RunFacts from what a reader already has: partials by worker (sweep.aggregate),
+    `stored_counts` of the row ids, and the job figures when it made them already."""
+    return RunFacts(_planned_jobs(manifest), planned_prompts, stored, job_figures(parts) if jobs is None else jobs,
+                    finish(parts, WORKER_KEYS), failures, max_temperature_c)
 
 
 def collect(store: RunStore) -> RunFacts:

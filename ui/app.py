@@ -153,8 +153,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         return gr.Radio(choices=have, value=gpu), _plot(spec), note, table
 
     def limit_ranges(runs, task, kind):
-        df = filter_aggregates(folder.aggregates(), runs or [], folder.aggregates()["gpu"].dropna().unique().tolist(),
-                               task)
+        agg = folder.aggregates()
+        df = filter_aggregates(agg, runs or [], agg["gpu"].dropna().unique().tolist(), task)
         per_token = kind != "latency (s)"
         t = (1000 * df["latency"] / df["response_length"]) if per_token else df["latency"]
         tmax = float(t.max()) if t.notna().any() else 1.0
@@ -396,13 +396,13 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             backends = [b for b in all_backends if b in (backends or []) or b not in (old_backends or [])]
             task = task if task in all_tasks else ("chat" if "chat" in all_tasks else (all_tasks[0] if all_tasks
                                                                                        else None))
-            views = on_filter(runs, gpus, task, backends, *view_args[4:])
+            shown = on_filter(runs, gpus, task, backends, *view_args[4:])
             same_choices = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
                             and all_backends == (old_backends or []) and detail_run is not None)
             if same_choices:  # leave the filter widgets alone: a re-render would close an open menu
                 widgets = (SKIP(),) * 4
                 detail = (SKIP(),) * (3 + len(detail_out))
-                comp = (SKIP(),) * 8
+                comp = (SKIP(),) * (3 + len(compare_out))
             else:
                 widgets = (gr.CheckboxGroup(choices=all_runs, value=runs), gr.CheckboxGroup(choices=all_gpus, value=gpus),
                            gr.Radio(choices=all_tasks, value=task), gr.CheckboxGroup(choices=all_backends, value=backends))
@@ -412,7 +412,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                 crun = c_run_now if c_run_now in per_request else run
                 comp = compare_pick(crun, None)
             stamp = f"  \n_last change seen {time.strftime('%H:%M:%S')}_"
-            return (*widgets, *views, status + stamp, *detail, *comp, about_runs(manifests),
+            return (*widgets, *shown, status + stamp, *detail, *comp, about_runs(manifests),
                     all_runs, all_gpus, all_backends, state)
 
         known_runs = gr.State(runs0)
@@ -423,11 +423,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                        + detail_out + [c_run, c_task, c_models] + compare_out + [about, known_runs, known_gpus, known_backends, seen])
 
         # -- controls of one view redraw that view only ---------------------------------------
-        def on_table(runs, gpus, task, backends, custom_cols, columns, rank_by):
-            return board(runs, gpus, task, backends, custom_cols, columns, rank_by)
-
         for comp in (columns_in, rank_in):
-            comp.input(on_table, F + T, board_out, api_name=False)
+            comp.input(board, F + T, board_out, api_name=False)
         for comp in P:
             comp.input(plots, [filtered] + P, plot_out, api_name=False)
         for comp in V:

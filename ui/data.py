@@ -23,7 +23,7 @@ import pyarrow.dataset as ds
 from sweep.aggregate import PART_FILE, finish, partials, results_dataset
 from sweep.report import AGGREGATES_FILE, read_imported
 from sweep import validate
-from sweep.store import PartsChanged, RunStore, warn
+from sweep.store import PartsChanged, RunStore, job_slug, part_job, warn
 
 # Columns of the leaderboard, in order, with their (short) headers; units in the header.
 DISPLAY = {
@@ -74,7 +74,6 @@ class _Cached:
     fingerprint: tuple
     aggregates: pd.DataFrame
     partials: pa.Table | None = None  # per part file and worker, see sweep.aggregate.partials; None: aggregate-only run
-    files: frozenset[str] = frozenset()  # part files the partials cover (a file may hold no rows)
     ids: pa.Table | None = None  # (model, task, prompt_id, part_file) of every row: validation counts them
     temperatures: dict = field(default_factory=dict)  # power file -> its highest temperature per GPU
     counts: dict = field(default_factory=dict)  # (model, task) -> (its part files, its stored-id counts)
@@ -85,6 +84,7 @@ class _Cached:
 class RunsFolder:
     root: Path
     _cache: dict[str, _Cached] = field(default_factory=dict)
+    _combined: tuple | None = None  # (the runs' fingerprints, aggregates() of them)
 
     def run_dirs(self) -> list[Path]:
         """Folders that hold a run (a damaged manifest, set aside, does not hide its rows)."""
@@ -93,25 +93,15 @@ class RunsFolder:
         return sorted(p for p in self.root.iterdir()
                       if any((p / name).exists() for name in ("manifest.json", "results", AGGREGATES_FILE)))
 
-    @staticmethod
-    def _parts(store: RunStore) -> list[tuple[str, int]]:
-        """(name, mtime) of the run's part files, as dataset readers list them."""
-        parts = []
-        for path in store.part_files():
-            try:
-                parts.append((path.name, path.stat().st_mtime_ns))
-            except FileNotFoundError:  # set aside meanwhile
-                continue
-        return parts
-
     def _load(self, run_dir: Path) -> _Cached:
         imported = run_dir / AGGREGATES_FILE
         store = RunStore(run_dir)
-        parts = self._parts(store)
+        # Part files are written once under a unique name: their names say what changed.
+        parts = tuple(p.name for p in store.part_files())
         # What else validation reads: the manifest (the plan), failures, the power timeline.
         others = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in (store.manifest_path, store.failures_dir)
                               if p.exists())) + tuple(p.name for p in store.power_files())
-        fp = (tuple(parts), imported.stat().st_mtime_ns if imported.is_file() else None, others)
+        fp = (parts, imported.stat().st_mtime_ns if imported.is_file() else None, others)
         hit = self._cache.get(run_dir.name)
         if hit is not None and hit.fingerprint == fp:
             return hit
@@ -121,9 +111,9 @@ class RunsFolder:
             # Part files are written once and never change: scan only the new ones (through
             # the store, which sets a damaged one aside), and drop the partials of files
             # that are gone.
-            names = frozenset(n for n, _ in parts)
+            names = frozenset(parts)
             old = hit.partials if hit is not None and hit.partials is not None else None
-            known = hit.files if old is not None else frozenset()
+            known = frozenset(hit.fingerprint[0]) if old is not None else frozenset()
             new = [run_dir / "results" / n for n in sorted(names - known)]
             ids: list[pa.Table] = []
             try:
@@ -137,7 +127,7 @@ class RunsFolder:
             kept_ids = [hit.ids.filter(pc.is_in(hit.ids[PART_FILE], still))] if old is not None and hit.ids is not None else []
             id_table = pa.concat_tables(kept_ids + ids) if kept_ids + ids else ID_SCHEMA.empty_table()
             agg = finish(table)
-            hit = _Cached(fp, agg, table, names, id_table,
+            hit = _Cached(fp, agg, table, id_table,
                           hit.temperatures if hit is not None else {}, hit.counts if hit is not None else {},
                           hit.planned if hit is not None else set())
             if not agg.empty:
@@ -174,19 +164,25 @@ class RunsFolder:
         stored = pd.DataFrame([row for _, row in hit.counts.values()], columns=["model", "task", "rows",
                                                                               "distinct_planned", "unplanned"])
         facts = validate.facts(store.read_manifest(), planned, parts.drop_columns([PART_FILE]), stored,
-                               store.failures(), validate.temperatures(store, hit.temperatures))
+                               store.failures(), validate.temperatures(store, hit.temperatures), jobs=hit.aggregates)
         return validate.job_status(validate.run_checks(facts))
 
     def aggregates(self) -> pd.DataFrame:
-        frames = [self._load(d).aggregates for d in self.run_dirs()]
-        frames = [f for f in frames if not f.empty]
-        if not frames:  # every column a view reads, so that an empty folder shows empty views
-            return pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url", "measured"])))
-        agg = pd.concat(frames, ignore_index=True)
-        for col in NUMERIC + ["url", "energy_note", "validation"]:
-            if col not in agg:
-                agg[col] = np.nan
-        return agg
+        """Figures of every run. Views call this once each per page event: the combined
+        frame is made again only when some run's files changed."""
+        hits = [(d.name, self._load(d)) for d in self.run_dirs()]
+        key = tuple((run, hit.fingerprint) for run, hit in hits)
+        if self._combined is None or self._combined[0] != key:
+            frames = [hit.aggregates for _, hit in hits if not hit.aggregates.empty]
+            if frames:
+                agg = pd.concat(frames, ignore_index=True)
+                for col in NUMERIC + ["url", "energy_note", "validation"]:
+                    if col not in agg:
+                        agg[col] = np.nan
+            else:  # every column a view reads, so that an empty folder shows empty views
+                agg = pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url", "measured"])))
+            self._combined = (key, agg)
+        return self._combined[1].copy(deep=False)  # a caller adding a column changes its copy only
 
     def version(self) -> tuple:
         """What the last aggregates() read: changes when any run's files change (a page
@@ -231,7 +227,9 @@ class RunsFolder:
         when = ((ds.field("model") == model) & (ds.field("task") == task) & ds.field("power_w").is_valid()
                 & (ds.field("timestamp") >= pa.scalar(pd.Timestamp(start).floor("us").to_pydatetime(), utc))
                 & (ds.field("timestamp") <= pa.scalar(pd.Timestamp(end).ceil("us").to_pydatetime(), utc)))
-        table = store.read_power(filter=when).select(["host", "gpu_index", "timestamp", "power_w"])
+        slug = job_slug(model, task)
+        files = [p for p in store.power_files() if part_job(p.name) == slug]
+        table = store.read_power(filter=when, files=files).select(["host", "gpu_index", "timestamp", "power_w"])
         return table.to_pandas().sort_values("timestamp", kind="stable")
 
     def prompts(self, run_id: str) -> pd.DataFrame:

@@ -76,7 +76,6 @@ class CompiledBackend(HFModel):
     # How the decode step is compiled. Measured on an H100 (bench/decode.py): coordinate-
     # descent tuning of Inductor's kernels took a 1.1B model from 413 to 472 tokens/s and
     # a 7B one from 147 to 167, for about a minute more at load.
-    compile_kwargs: dict = {}
     inductor_config: dict = {"coordinate_descent_tuning": True}
 
     def __init__(self, spec, settings, device: str) -> None:
@@ -155,7 +154,7 @@ class CompiledBackend(HFModel):
 
     def _capture(self) -> None:
         """Compile the decode step and capture it as a CUDA graph (at load, never in a window)."""
-        step = torch.compile(self._step, fullgraph=True, dynamic=False, **self.compile_kwargs)
+        step = torch.compile(self._step, fullgraph=True, dynamic=False)
         with torch.no_grad(), torch._inductor.config.patch(self.inductor_config):
             self.cache.reset()
             self._prefill(torch.zeros((1, 8), dtype=torch.long, device=self._input_device))  # allocates the cache
@@ -206,16 +205,13 @@ class CompiledBackend(HFModel):
         return tokens, ttft_s
 
     def _decode_cuda(self, ids: torch.Tensor, max_new: int) -> tuple[list[int], float]:
-        host = self._host_tokens[:max_new]  # sized for the run's max_new_tokens
+        host = self._host_tokens  # pinned, sized for the run's max_new_tokens at load
         start, first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         done = []  # one event per launched token: its value is in host[i] once the event has passed
         start.record()  # the GPU is idle here (synchronised): this is the request's start, as t0 is
         self.cache.reset()
         self._prefill(ids)
         first.record()
-
-        if len(host) < max_new:
-            raise ValueError(f"max_new {max_new} exceeds the {len(host)} tokens this backend was loaded for")
 
         def publish(i: int) -> None:
             host[i : i + 1].copy_(self._tok.view(1), non_blocking=True)
