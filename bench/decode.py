@@ -11,8 +11,8 @@ HF way; the stored rows for a backend in a worker, checked against NVML polled a
 and the share of the bandwidth limit: bytes of weights a decode step reads (every
 parameter but the input embedding table, of which it reads one row) times tokens/s,
 over the device-to-device copy bandwidth measured in the same run. Harness overhead
-compares the worker's per-request path (energy window, row, write-ahead log with fsync,
-progress message) with the same backend called bare: each prompt is served both ways with
+compares the worker's per-request path (energy window, row, write-ahead log with fsync
+awaited one request later as in a sweep, progress message) with the same backend called bare: each prompt is served both ways with
 the same seed (the same tokens), back to back, alternating which goes first, for
 `--rounds` rounds; `overhead` is the median over those pairs of the worker's time per
 token over the bare one's, `direct` the worker's wall time outside `generate` over the
@@ -49,6 +49,31 @@ from sweep.worker import Worker, request_seed  # noqa: E402
 
 SYSTEM = ("A chat between a human user (prompter) and an artificial intelligence (AI) assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+class _OneRowInFlight:
+    """The store's job writer as a sweep's worker sees its job (`RemoteJob`): a row is
+    handed over at once and its write (fsync included) awaited at the next append, so it
+    overlaps the next request. Every call runs on one thread, in order, as at the writer."""
+
+    def __init__(self, writer) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer, self.pool, self.pending = writer, ThreadPoolExecutor(1), None
+
+    def append(self, row) -> None:
+        if self.pending is not None:
+            self.pending.result()
+        self.pending = self.pool.submit(self.writer.append, row)
+
+    def append_power(self, samples) -> None:
+        self.pool.submit(self.writer.append_power, samples).result()
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+        self.pool.submit(self.writer.close).result()
+        self.pool.shutdown()
 
 
 class _NoHub:
@@ -233,7 +258,7 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
             with tempfile.TemporaryDirectory() as base:
                 for r in range(args.rounds):
                     store = RunStore(Path(base) / f"round{r}")  # each round stores its own rows
-                    writer = store.writer("bench")
+                    writer = _OneRowInFlight(store.writer("bench"))
                     for i, (p, s) in enumerate(zip(prompts, seeds)):
                         took = {}
                         for path in ("bare", "worker") if (i + r) % 2 == 0 else ("worker", "bare"):

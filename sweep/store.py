@@ -11,12 +11,13 @@
     runs/<run_id>/.quarantine/         damaged files, set aside where no reader trips on them
 
 Crash safety: every finished request is appended to its job's write-ahead log and
-fsync'ed before the next request starts; rows reach Parquet in batches. Part files,
+fsync'ed, at most one request later; rows reach Parquet in batches. Part files,
 the manifest and the other whole files are written under a dot-name, fsync'ed, renamed
 into place and the folder fsync'ed (`atomic_write`): readers never see half a file, and
 a power loss leaves the old file or the new one, never an empty one. When a job starts
 again, rows left in its log that are not yet in the dataset are written first. So a
-crash loses at most the request in flight, and no (model, task, prompt_id) is ever
+crash loses at most the requests in flight (the one being served and the last row not
+yet acknowledged: a resume runs both again), and no (model, task, prompt_id) is ever
 stored twice.
 
 Damage (a disk error, a file cut short by hand): every read of the dataset goes through

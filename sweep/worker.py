@@ -3,7 +3,8 @@
 The actor loads its model on the first job and keeps it for every later job of the same
 model. Each request is bracketed by an energy window on the actor's own GPUs, and its
 row goes to the session's writer (sweep/writer.py, on the driver's node: the actor may
-run on any node of a cluster) and is durable there before the next request starts.
+run on any node of a cluster) and is durable there before the request after next starts
+(at most one row in flight, see RemoteJob).
 """
 
 from __future__ import annotations
@@ -77,7 +78,12 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 class RemoteJob:
-    """One job opened at the session's writer: `append` returns once the row is durable."""
+    """One job opened at the session's writer. A row is handed over without waiting: the
+    writer's acknowledgement (the row is in the job's write-ahead log, fsync'ed) is
+    awaited at the next `append`, after the next request has run, or at `close`. So at
+    most one row is in flight: a crash loses at most it and the request in progress, and
+    resume runs both again (a row is stored once or not at all). The wait, a Ray round
+    trip and an fsync, overlaps the next request instead of adding to it."""
 
     def __init__(self, writer: Any, model: str, task: str) -> None:
         import ray
@@ -90,15 +96,27 @@ class RemoteJob:
             time.sleep(OPEN_RETRY_S)
         self.token, done = opened
         self.done = set(done)
+        self._in_flight = None  # the last row's acknowledgement, not yet awaited
+
+    def _settle(self) -> None:
+        """Wait for the row in flight to be durable (raises what storing it raised)."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is not None:
+            self._ray.get(pending)
 
     def append(self, row: dict) -> None:
-        self._ray.get(self.writer.append.remote(self.model, self.task, self.token, row))
+        self._settle()
+        self._in_flight = self.writer.append.remote(self.model, self.task, self.token, row)
 
     def append_power(self, samples) -> None:
+        # The writer runs one worker's calls in the order sent: these follow the rows before them.
         self._ray.get(self.writer.append_power.remote(self.model, self.task, self.token, samples))
 
     def close(self) -> None:
-        self._ray.get(self.writer.close_job.remote(self.model, self.task, self.token))
+        try:
+            self._settle()
+        finally:
+            self._ray.get(self.writer.close_job.remote(self.model, self.task, self.token))
 
 
 class Worker:

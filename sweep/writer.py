@@ -2,8 +2,9 @@
 
 Workers may run on any node of a cluster, and nodes need not share a filesystem, so no
 worker opens the run directory by path. Each hands its finished rows to this actor and
-waits for the acknowledgement that the row is in the job's write-ahead log, fsync'ed,
-before its next request: a crash still loses at most the requests in flight.
+awaits the acknowledgement that the row is in the job's write-ahead log, fsync'ed,
+after its next request (one row in flight): a crash still loses at most the requests in
+flight, which a resume runs again.
 
 Exclusivity per job lives here too. The writer holds a job's file lock while a worker
 runs it; a writer left over from a killed driver holds its locks until Ray ends it with

@@ -127,3 +127,73 @@ def test_acknowledged_append_latency_and_errors_through_ray(tmp_path, ray_local)
         ray.get(Full.remote().append.remote())
     assert is_disk_full(_cause(err.value)) and "No space left" in str(_cause(err.value))
     ray.kill(writer)
+
+
+def test_a_remote_job_keeps_one_row_in_flight_and_raises_its_failure_later(tmp_path, ray_local):
+    """`append` hands a row over and returns; when it returns, every earlier row is
+    durable. A row the writer could not store raises at the next append or at close, and
+    close still releases the job."""
+    from sweep.worker import RemoteJob, _cause
+    from sweep.store import is_disk_full
+    from sweep.writer import start_writer
+
+    ray = ray_local
+    store, lock = _run(tmp_path)
+    writer = start_writer(store.run_dir, "r", lock)
+    rows = synthetic_rows("r", "m", "chat", [1.0] * 5, [5] * 5)
+
+    @ray.remote(num_cpus=0)
+    def serve(writer, rows, run_dir):
+        job = RemoteJob(writer, "m", "chat")
+        durable = []
+        for row in rows:
+            job.append(row)
+            durable.append(RunStore(run_dir).done_prompt_ids("m", "chat")[("m", "chat")])
+        job.close()
+        return durable
+
+    durable = ray.get(serve.remote(writer, rows, str(store.run_dir)))
+    ids = [r["prompt_id"] for r in rows]
+    for i, stored in enumerate(durable):
+        assert set(ids[:i]) <= stored, (i, stored)  # at most the row just handed over is in flight
+    assert set(store.read_results()["prompt_id"]) == set(ids)
+    ray.kill(writer)
+
+    @ray.remote(num_cpus=0)
+    class FailsOn:
+        def __init__(self, prompt_id):
+            self.prompt_id, self.closed = prompt_id, False
+
+        def open_job(self, model, task):
+            return "t", []
+
+        def append(self, model, task, token, row):
+            if row["prompt_id"] == self.prompt_id:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close_job(self, model, task, token):
+            self.closed = True
+
+        def was_closed(self):
+            return self.closed
+
+    @ray.remote(num_cpus=0)
+    def appends_until_error(writer, rows):
+        job = RemoteJob(writer, "m", "chat")
+        handed = []
+        try:
+            for row in rows:
+                job.append(row)
+                handed.append(row["prompt_id"])
+            job.close()
+        except Exception as exc:
+            return handed, is_disk_full(_cause(exc))
+        return handed, None
+
+    middle = FailsOn.remote("p1")
+    handed, disk_full = ray.get(appends_until_error.remote(middle, rows))
+    assert handed == ["p0", "p1"] and disk_full  # p1's failure raised when p2 was handed over
+    last = FailsOn.remote("p4")
+    handed, disk_full = ray.get(appends_until_error.remote(last, rows))
+    assert handed == ids and disk_full  # the last row's failure raised at close
+    assert ray.get(last.was_closed.remote())  # and the job was still released
