@@ -1,17 +1,22 @@
-"""The compiled backend's decode step under several compile settings, on one GPU.
+"""The compiled backend's decode step and prefill under several settings, on one GPU.
 
-One model load; for each variant the step is compiled and captured again, then timed two
-ways: replays of the CUDA graph alone (the GPU's time per token), and whole requests
-through `generate` (prefill and the host loop included). Ends with the kernels of one
-replay of the last variant (torch profiler): what a token's time is spent on, and how much
-of the replay the GPU is busy.
+For each variant the model is loaded afresh, and the step compiled and captured; then:
+  - each attention bucket's step alone: replays of its CUDA graph (the GPU's time per
+    token) and, for the bucket the requests use, NVML's energy over >= 3 s of replays
+    (J per step, independent of Zeus and of the harness);
+  - whole requests through `generate` (prefill and the host loop included), and their
+    mean time to first token.
+Ends with the kernels of one replay of the first variant (torch profiler): what a token's
+time is spent on, and how much of the replay the GPU is busy.
 
     python bench/decode_step.py --preset tinyllama-1.1b
+    python bench/decode_step.py --preset llama2-7b --variants shipped no-cd
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -23,46 +28,77 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import SYSTEM, copy_bandwidth_bytes_s, decode_weight_bytes  # noqa: E402
-from sweep.backends.compiled import CompiledBackend  # noqa: E402
+from sweep.backends.compiled import CompiledBackend, _Attention, bucket_for  # noqa: E402
 from sweep.config import GenerationSettings, ModelSpec  # noqa: E402
 from sweep.prompts import builtin_prompts  # noqa: E402
 
 CD = {"coordinate_descent_tuning": True}
-MA = {"max_autotune": True}
-# name -> Inductor settings for the step
+# name -> CompiledBackend attributes
 VARIANTS = {
-    "default": {},
-    "cd": CD,
-    "max-autotune+cd": {**MA, **CD},
+    "shipped": {},
+    # as before buckets: every step attends over the whole cache through transformers' own SDPA
+    # (keys and values copied per query head)
+    "whole-cache": {"kv_bucket_count": 1, "bucketed_attention": False},
+    "eager-prefill": {"prefill_graphs": False},
+    "no-cd": {"inductor_config": {}},  # matrix-vector products through cuBLAS, not Triton reductions
+    "max-autotune": {"inductor_config": {**CD, "max_autotune": True}},
 }
 
 
-def replay_ms(be, steps: int = 200, batches: int = 5) -> float:
-    """Median over batches of the mean time of one graph replay (ms)."""
-    times = []
-    for _ in range(batches):
+def restart(be) -> None:
+    """A fresh 8-token request: each replay moves a position on, which must stay in the cache."""
+    width = be._load_prompt(torch.zeros((1, 8), dtype=torch.long, device="cuda"))
+    if be.prefill_graphs:
+        be._prefill_graphs[width].replay()
+    else:
         with torch.no_grad():
-            be.cache.reset()
-            be._prefill(torch.zeros((1, 8), dtype=torch.long, device="cuda"))
-        torch.cuda.synchronize()
+            be._prefill(width)
+
+
+def replay_ms(be, kv_len: int, steps: int = 200, batches: int = 5) -> float:
+    """Median over batches of the mean time of one graph replay (ms)."""
+    graph, times = be._step_graphs[kv_len], []
+    for _ in range(batches):
+        restart(be)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(steps):
-            be._graph.replay()
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / steps)
     return statistics.median(times)
 
 
-def kernel_table(be, steps: int = 20, top: int = 14) -> None:
+def replay_energy_j(be, kv_len: int, seconds: float = 3.0) -> tuple[float, float]:
+    """(J per step, mean W) from NVML's energy counter over `seconds` of back-to-back replays."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    graph, steps = be._step_graphs[kv_len], 0
+    torch.cuda.synchronize()
+    e0, t0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        restart(be)  # one prefill per 200 steps: a few percent of the time
+        for _ in range(200):
+            graph.replay()
+        steps += 200
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    joules = (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - e0) / 1e3
+    return joules / steps, joules / elapsed
+
+
+def kernel_table(be, kv_len: int, steps: int = 20, top: int = 16) -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    graph = be._step_graphs[kv_len]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for _ in range(steps):
-            be._graph.replay()
+            graph.replay()
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - t) * 1e6 / steps
     per_name = defaultdict(lambda: [0, 0.0])
@@ -75,8 +111,8 @@ def kernel_table(be, steps: int = 20, top: int = 14) -> None:
             busy_us += us
     busy_us /= steps
     count = sum(c for c, _ in per_name.values()) / steps
-    print(f"# one replay: {count:.0f} kernels, {busy_us:.0f} us of kernel time, {wall_us:.0f} us wall "
-          f"(GPU busy {busy_us / wall_us:.0%})")
+    print(f"# one replay (attention over {kv_len}): {count:.0f} kernels, {busy_us:.0f} us of kernel time, "
+          f"{wall_us:.0f} us wall (GPU busy {busy_us / wall_us:.0%})")
     print(f"{'kernel':<70}{'per step':>9}{'us/step':>9}{'share':>7}")
     for name, (n, us) in sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"{name[:69]:<70}{n / steps:>9.1f}{us / steps:>9.1f}{us / steps / busy_us:>7.1%}")
@@ -85,61 +121,80 @@ def kernel_table(be, steps: int = 20, top: int = 14) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tinyllama-1.1b")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--variants", nargs="+", default=["shipped", "whole-cache", "no-cd"], choices=list(VARIANTS))
+    p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--attention", nargs="*", default=[], metavar="GROUPING[:BACKEND]",
+                   help="after the first variant, recapture its steps with each of these ways of attending "
+                        "(fold or repeat, optionally :EFFICIENT_ATTENTION, :CUDNN_ATTENTION, :MATH) and time them")
     args = p.parse_args()
     bw = copy_bandwidth_bytes_s()
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.7, context_length=2048)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.7,
+                                  context_length=args.context_length)
     spec = ModelSpec(name=args.preset, path=f"random:{args.preset}", conv_template="vicuna_v1.1", backend="compiled")
-    first, *rest = args.variants
-
-    class First(CompiledBackend):
-        inductor_config = VARIANTS[first]
-
-    t = time.perf_counter()
-    be = First(spec, settings, "cuda")
-    print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s; "
-          f"{args.preset} loaded and captured ({first}) in {time.perf_counter() - t:.0f} s", flush=True)
-    wb = decode_weight_bytes(be.model)
     prompts = [x.text for x in builtin_prompts()[: args.prompts]]
-    rows = []
+    print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s", flush=True)
+    rows, profiled = [], False
     for name in args.variants:
-        compile_s = None
-        if name != first:
-            be.inductor_config = VARIANTS[name]
-            be._graph = None
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            t = time.perf_counter()
-            be._capture()
-            compile_s = time.perf_counter() - t
-        step_ms = replay_ms(be)
-        for text in prompts:  # first use of each prompt length (eager prefill)
+        variant = type(name, (CompiledBackend,), dict(VARIANTS[name]))
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        be = variant(spec, settings, "cuda")
+        load_s = time.perf_counter() - t
+        wb = decode_weight_bytes(be.model)
+        lengths = [be.encode(SYSTEM, x)[0].shape[1] for x in prompts]
+        used = bucket_for(max(lengths) + args.max_new_tokens, be.kv_buckets)
+        steps = {kv: replay_ms(be, kv) for kv in be.kv_buckets}
+        j_step, watts = replay_energy_j(be, used)
+        for text in prompts:  # warm: the first request of a load pays one-off costs
             be.generate(SYSTEM, text, seed=0)
-        tokens = 0
+        tokens, ttfts = 0, []
         t = time.perf_counter()
         for i, text in enumerate(prompts):
-            tokens += be.generate(SYSTEM, text, seed=i).response_tokens
+            g = be.generate(SYSTEM, text, seed=i)
+            tokens += g.response_tokens
+            ttfts.append(g.ttft_s)
         req_tok_s = tokens / (time.perf_counter() - t)
-        row = (name, compile_s, step_ms, 1e3 / step_ms, wb * 1e3 / step_ms / bw,
-               req_tok_s, wb * req_tok_s / bw)
+        row = dict(name=name, load_s=load_s, steps=steps, used=used, j_step=j_step, watts=watts, req_tok_s=req_tok_s,
+                   req_bw=wb * req_tok_s / bw, ttft_ms=statistics.mean(ttfts) * 1e3)
         rows.append(row)
-        print(f"# {name}: compile {compile_s and round(compile_s)} s, step {step_ms:.3f} ms, "
-              f"requests {req_tok_s:.1f} tok/s", flush=True)
-    if not args.no_profile:
-        try:
-            kernel_table(be)
-        except Exception as exc:  # a diagnostic: the timings above stand without it
-            print(f"# profiler failed: {exc!r}")
-    print(f"\n{args.preset}: {wb / 1e9:.2f} GB of weights read per step; copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'variant':<26}{'compile s':>10}{'step ms':>9}{'step tok/s':>11}{'bw share':>9}"
-          f"{'req tok/s':>10}{'bw share':>9}")
-    for name, compile_s, step_ms, step_tok_s, step_bw, req, req_bw in rows:
-        cs = "at load" if compile_s is None else f"{compile_s:.0f}"
-        print(f"{name:<26}{cs:>10}{step_ms:>9.3f}{step_tok_s:>11.1f}{step_bw:>9.1%}{req:>10.1f}"
-              f"{req_bw:>9.1%}")
+        print(f"# {name}: loaded and captured in {load_s:.0f} s; prompts {min(lengths)}-{max(lengths)} tokens, "
+              f"attention over {used}; step ms by bucket "
+              + ", ".join(f"{kv}: {ms:.3f}" for kv, ms in steps.items())
+              + f"; {j_step:.3f} J/step at {watts:.0f} W; requests {req_tok_s:.1f} tok/s, "
+              f"TTFT {row['ttft_ms']:.1f} ms", flush=True)
+        if not profiled and not args.no_profile:
+            profiled = True
+            try:
+                kernel_table(be, used)
+            except Exception as exc:  # a diagnostic: the timings above stand without it
+                print(f"# profiler failed: {exc!r}")
+        if name == args.variants[0]:
+            for way in args.attention:
+                grouping, _, forced = way.partition(":")
+                _Attention.grouping = grouping
+                _Attention.sdpa_backend = getattr(torch.nn.attention.SDPBackend, forced) if forced else None
+                be._step_graphs.clear()
+                be._prefill_graphs.clear()
+                be._capture()  # the attention op is opaque to the compiler: recaptured, not recompiled
+                ms = replay_ms(be, used)
+                j, w = replay_energy_j(be, used)
+                print(f"# attention {way}: step {ms:.3f} ms ({wb / ms * 1e3 / bw:.1%}) over {used}; "
+                      f"{j:.3f} J/step at {w:.0f} W", flush=True)
+            _Attention.grouping, _Attention.sdpa_backend = "fold", None
+        be = variant = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"\n{args.preset}: {wb / 1e9:.2f} GB of weights read per step; copy bandwidth {bw / 1e12:.2f} TB/s; "
+          f"{args.max_new_tokens} new tokens")
+    print(f"{'variant':<16}{'load s':>7}{'attn':>6}{'step ms':>9}{'bw share':>9}{'J/step':>8}{'W':>6}"
+          f"{'req tok/s':>10}{'bw share':>9}{'TTFT ms':>8}")
+    for r in rows:
+        ms = r["steps"][r["used"]]
+        print(f"{r['name']:<16}{r['load_s']:>7.0f}{r['used']:>6}{ms:>9.3f}{wb / ms * 1e3 / bw:>9.1%}"
+              f"{r['j_step']:>8.3f}{r['watts']:>6.0f}{r['req_tok_s']:>10.1f}{r['req_bw']:>9.1%}{r['ttft_ms']:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,19 @@
 Our own loop over the Hugging Face model's modules (no model code rewritten):
 
 - a static KV cache of `context_length` positions, allocated once per load;
-- prefill in eager mode, so a new prompt length never triggers a compile inside a
-  measured window;
 - the one-token decode step (forward + sampling on the GPU) compiled by Inductor and
-  captured once as a CUDA graph at load; each token is one `graph.replay()`;
+  captured as CUDA graphs at load; each token is one `graph.replay()`. A step attends
+  over a bucket of the cache, not all of it: the smallest of `context_length`, /2, /4
+  and /8 that holds the prompt and `max_new_tokens` (one graph per bucket), so a short
+  request does not read the keys and values of thousands of empty positions per token.
+  For grouped-query attention the step folds the query heads that share a key/value head
+  into one attention call instead of copying the keys and values once per query head
+  (`bucketed_sdpa`, registered with transformers' attention interface);
+- prefill of the prompt padded to a power-of-two bucket, run eagerly once per bucket at
+  load and replayed as a CUDA graph: a new prompt length never compiles or captures
+  anything inside a measured window, and the prefill costs no Python per layer. The pad
+  positions are written to the cache and then overwritten by the decode steps; the cache's
+  fill level is set to the real prompt length, so the mask never lets a pad be attended;
 - no host synchronisation per token: each step copies its token into pinned host memory,
   and the host reads a token while the next `LOOKAHEAD_STEPS` steps are already queued,
   so the GPU never waits for Python (two steps ride out a host hiccup of a few ms, e.g.
@@ -14,7 +23,8 @@ Our own loop over the Hugging Face model's modules (no model code rewritten):
   the window holds at most two decode steps past the stop, and the row says how many
   (`steps_past_stop`). Stop strings are checked on the decoded text of the last tokens.
 
-On CPU the same loop runs uncompiled (and checks each token at once), so tests cover it.
+On CPU the same loop (padded prefill, buckets, folded heads) runs uncompiled and checks
+each token at once, so tests cover it.
 Sampling follows HF's processors: repetition penalty on the raw logits, then
 temperature, then top-p; a token is drawn with the exponential race (argmax of p / E,
 E ~ Exp(1)), which samples exactly from p without a host sync. The request's seed seeds
@@ -27,12 +37,117 @@ import inspect
 import time
 
 import torch
+import torch.nn.functional as F
 
 from sweep.backends.base import BackendError, Effective, Generation, HFModel
 
 # Decode steps queued ahead of the token the host reads: the issue's bound on steps
 # inside a window past the stop is 2.
 LOOKAHEAD_STEPS = 2
+# Attention lengths a decode step is captured for: context_length >> k, k < KV_BUCKETS
+# (each one compiled at load), none shorter than MIN_KV_BUCKET.
+KV_BUCKETS = 4
+MIN_KV_BUCKET = 128
+MIN_PROMPT_BUCKET = 16
+ATTENTION = "sweep_bucketed_sdpa"
+
+
+def kv_buckets(context_length: int, count: int = KV_BUCKETS) -> list[int]:
+    """Attention lengths, shortest first: context_length, /2, /4... (count of them)."""
+    sizes = {context_length >> k for k in range(count)}
+    return sorted(x for x in sizes if x >= min(MIN_KV_BUCKET, context_length))
+
+
+def prompt_buckets(budget: int) -> list[int]:
+    """Prefill widths, shortest first: powers of two from MIN_PROMPT_BUCKET, then `budget`
+    (the longest prompt a request can have)."""
+    sizes, width = [], MIN_PROMPT_BUCKET
+    while width < budget:
+        sizes.append(width)
+        width *= 2
+    return sizes + [budget]
+
+
+def bucket_for(n: int, buckets: list[int]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class _Attention:
+    """How many cache positions the decode steps attend over (None: all of them). Read by
+    `decode_attention` when it runs, not when it is compiled: a graph captured under one
+    value keeps it, so one compiled step serves every bucket's graph."""
+
+    kv_len: int | None = None
+    # How grouped KV heads are attended (bench/decode_step.py compares them): "fold" the
+    # query heads sharing a KV head into rows of one query, or "repeat" K and V per query head.
+    grouping: str = "fold"
+    sdpa_backend = None  # a torch.nn.attention.SDPBackend to force, None: PyTorch's choice
+
+
+@torch.library.custom_op("sweep::decode_attention", mutates_args=())
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float | None) -> torch.Tensor:
+    """SDPA of a one-token query (batch, heads, 1, dim) over the first `_Attention.kv_len`
+    positions of the cache. The positions cut off are ones the mask hides anyway: the
+    result is the same, without reading them. Query heads that share a KV head become
+    rows of one query, so K and V are read once, not copied per query head (what
+    transformers' `repeat_kv` does)."""
+    from contextlib import nullcontext
+
+    kv_len = _Attention.kv_len
+    if kv_len is not None and kv_len < key.shape[2]:
+        key, value = key[:, :, :kv_len], value[:, :, :kv_len]
+        mask = None if mask is None else mask[..., :kv_len]
+    b, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    forced = _Attention.sdpa_backend
+    with nullcontext() if forced is None else torch.nn.attention.sdpa_kernel(forced):
+        if groups > 1 and _Attention.grouping == "repeat":
+            key = key[:, :, None].expand(b, kv_heads, groups, *key.shape[2:]).reshape(b, heads, *key.shape[2:])
+            value = value[:, :, None].expand(b, kv_heads, groups, *value.shape[2:]).reshape(b, heads, *value.shape[2:])
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(query.reshape(b, kv_heads, groups, dim), key, value,
+                                                 attn_mask=mask, scale=scale)
+    return out.reshape(b, heads, 1, value.shape[-1])
+
+
+@decode_attention.register_fake
+def _(query, key, value, mask, scale):
+    return query.new_empty((*query.shape[:3], value.shape[-1]))
+
+
+def bucketed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, with decode steps through `decode_attention`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] == 1 and attention_mask is not None and not kwargs.get("softcap"):
+        return decode_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor:
+    """transformers' SDPA mask, additive (0 or the dtype's minimum, in the model's dtype),
+    made once per forward: SDPA would convert a boolean one in every layer, three kernels
+    each. Never dropped for SDPA's is_causal either, which transformers decides with a
+    host-side check on a device tensor that a captured prefill cannot have. (transformers'
+    own `eager_mask` copies a CPU scalar to the GPU, which a capture cannot have.)"""
+    from transformers.masking_utils import sdpa_mask
+
+    keep = sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+    if keep is None:  # nothing to mask
+        return None
+    return torch.zeros_like(keep, dtype=dtype).masked_fill_(keep.logical_not(), torch.finfo(dtype).min)
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, bucketed_sdpa)
+    AttentionMaskInterface.register(ATTENTION, additive_mask)
 
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -77,6 +192,9 @@ class CompiledBackend(HFModel):
     # descent tuning of Inductor's kernels took a 1.1B model from 413 to 472 tokens/s and
     # a 7B one from 147 to 167, for about a minute more at load.
     inductor_config: dict = {"coordinate_descent_tuning": True}
+    kv_bucket_count: int = KV_BUCKETS  # 1: every step attends over the whole cache
+    bucketed_attention: bool = True  # False: transformers' own SDPA (bench comparisons)
+    prefill_graphs: bool = True  # False: eager prefill of the exact prompt (bench comparisons)
 
     def __init__(self, spec, settings, device: str) -> None:
         super().__init__(spec, settings, device)
@@ -99,7 +217,25 @@ class CompiledBackend(HFModel):
             raise BackendError(f"backend compiled: the model's sliding-window attention ({window} positions) is "
                                f"shorter than generation.context_length {s.context_length}; lower context_length "
                                f"or use backend: transformers")
+        if not all(hasattr(layer, "cumulative_length") for layer in self.cache.layers):
+            raise BackendError("backend compiled: this transformers version's StaticCache keeps no fill level on the "
+                               "device (cumulative_length); use transformers >= 5.0 or backend: transformers")
+        # Bucketed attention replaces SDPA only: a model on another implementation (eager for
+        # logit soft-capping, say) keeps it and attends over the whole cache.
+        if self.bucketed_attention and self.model.config._attn_implementation == "sdpa":
+            register_attention()
+            self.model.set_attn_implementation(ATTENTION)
+            self.kv_buckets = kv_buckets(s.context_length, self.kv_bucket_count)
+        else:
+            self.kv_buckets = [s.context_length]
+        self.prompt_budget = s.context_length - s.max_new_tokens  # what encode() truncates prompts to
+        self.prompt_buckets = prompt_buckets(self.prompt_budget)
         vocab = self.model.get_output_embeddings().weight.shape[0]
+        # Static buffers: the inputs of the captured prefill and steps, updated in place.
+        self._ids = torch.zeros((1, self.prompt_budget), dtype=torch.long, device=dev)  # prompt, padded
+        self._positions = torch.arange(self.prompt_budget, device=dev).view(1, -1)
+        self._n = torch.zeros((), dtype=torch.long, device=dev)  # prompt length
+        self._last = torch.zeros((1,), dtype=torch.long, device=dev)  # its last position
         self._tok = torch.zeros((1, 1), dtype=torch.long, device=dev)  # last token, input of the next step
         self._pos = torch.zeros((1,), dtype=torch.long, device=dev)  # its position in the cache
         self._seen = torch.zeros((vocab,), dtype=torch.bool, device=dev) if s.repetition_penalty != 1.0 else None
@@ -108,9 +244,12 @@ class CompiledBackend(HFModel):
         self._keep_logits = "logits_to_keep" in params
         # The cache keeps its own fill level on the device; its keyword was renamed in transformers 5.2x.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._graph = None
+        self._step_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.on_cuda:
             self._host_tokens = torch.zeros((s.max_new_tokens,), dtype=torch.long, pin_memory=True)
+            # One event per token a request can make, created once (recorded again by each request).
+            self._events = [torch.cuda.Event() for _ in range(s.max_new_tokens)]
             self._capture()
 
     def use_template(self, template) -> None:
@@ -122,7 +261,7 @@ class CompiledBackend(HFModel):
         # tokens decode to nothing, so look further back than that.
         self._stop_window = 2 * max((len(x.encode()) for x in self._stop_strings), default=0) + 8
 
-    # -- the two pieces of model work --------------------------------------------------
+    # -- the pieces of model work, on the static buffers ----------------------------------
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.settings
         return sample(logits, self._seen, s.temperature, s.top_p, s.repetition_penalty)
@@ -134,39 +273,84 @@ class CompiledBackend(HFModel):
         if self._seen is not None:
             self._seen.index_fill_(0, token.view(1), True)
 
-    def _prefill(self, ids: torch.Tensor) -> None:
+    def _load_prompt(self, ids: torch.Tensor) -> int:
+        """Put the prompt in the static buffers, padded with its first token to its bucket's
+        width (a pad can only add an already-seen token to the repetition penalty's set);
+        returns the width."""
         n = ids.shape[1]
-        positions = torch.arange(n, device=ids.device)
-        extra = {"logits_to_keep": 1} if self._keep_logits else {}
-        logits = self.model(input_ids=ids, position_ids=positions.view(1, n), use_cache=True,
-                            **{self._cache_kw: self.cache}, **extra).logits[0, -1]
+        width = bucket_for(n, self.prompt_buckets)
+        self._ids[:, :n].copy_(ids)
+        self._ids[:, n:width].copy_(ids[:, :1].expand(1, width - n))
+        self._n.fill_(n)
+        self._last.fill_(n - 1)
+        self._n_host = n
+        return width
+
+    def _set_host_fill(self, n: int) -> None:
+        """Sliding-window cache layers also count their fill in a Python int; it picks the
+        branch an update takes (all the same while the window, at least context_length, is
+        not full), so it only needs to be right for eager runs and the same at each trace."""
+        for layer in self.cache.layers:
+            if hasattr(layer, "cumulative_length_int"):
+                layer.cumulative_length_int = n
+
+    def _prefill(self, width: int) -> None:
+        """Prefill of the prompt in the buffers (padded to `width`), then its first token."""
+        for layer in self.cache.layers:
+            layer.cumulative_length.zero_()
+        self._set_host_fill(0)
+        ids = self._ids[:, :width]
+        kw = {self._cache_kw: self.cache, "logits_to_keep": self._last} if self._keep_logits else {self._cache_kw: self.cache}
+        logits = self.model(input_ids=ids, position_ids=self._positions[:, :width], use_cache=True, **kw).logits
+        logits = logits[0, -1] if self._keep_logits else logits[0].index_select(0, self._last)[0]
+        # The pads' keys and values stay in the cache past the prompt: each decode step
+        # overwrites the next one before the mask lets it be attended.
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(self._n)
+        self._set_host_fill(self._n_host)
         if self._seen is not None:
             self._seen.zero_()
             self._seen.index_fill_(0, ids[0], True)
-        self._pos.fill_(n - 1)  # _accept moves it to n, the first token's position
+        self._pos.copy_(self._last)  # _accept moves it to n, the first token's position
         self._accept(self._sample(logits))
 
     def _step(self) -> None:
-        """One decode step on the static buffers: forward of the last token, sample, accept."""
+        """One decode step on the static buffers: forward of the last token, sample, accept.
+        It attends over `_Attention.kv_len` positions (set by the caller)."""
         logits = self.model(input_ids=self._tok, position_ids=self._pos.view(1, 1), use_cache=True,
                             **{self._cache_kw: self.cache}).logits[0, -1]
         self._accept(self._sample(logits))
 
     def _capture(self) -> None:
-        """Compile the decode step and capture it as a CUDA graph (at load, never in a window)."""
+        """Compile the decode step and capture it for each attention bucket, and the prefill
+        for each width, as CUDA graphs (at load, never in a window)."""
         step = torch.compile(self._step, fullgraph=True, dynamic=False)
+        pool = torch.cuda.graph_pool_handle()  # the graphs run one at a time: they share their memory
         with torch.no_grad(), torch._inductor.config.patch(self.inductor_config):
-            self.cache.reset()
-            self._prefill(torch.zeros((1, 8), dtype=torch.long, device=self._input_device))  # allocates the cache
+            self._prefill(self._load_prompt(torch.zeros((1, 8), dtype=torch.long, device=self._input_device)))
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compile and warm up off the capture stream
-                for _ in range(3):
-                    step()
+                for kv_len in self.kv_buckets:
+                    _Attention.kv_len = kv_len
+                    for _ in range(2):
+                        self._set_host_fill(8)  # the same at every call: no recompile
+                        step()
+                if self.prefill_graphs:
+                    for width in self.prompt_buckets:
+                        self._prefill(width)
             torch.cuda.current_stream().wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                step()
+            for kv_len in self.kv_buckets:
+                _Attention.kv_len = kv_len
+                self._set_host_fill(8)
+                self._step_graphs[kv_len] = graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    step()
+            if self.prefill_graphs:
+                for width in self.prompt_buckets:
+                    self._prefill_graphs[width] = graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        self._prefill(width)
             torch.cuda.synchronize()
 
     # -- one request -------------------------------------------------------------------
@@ -182,58 +366,63 @@ class CompiledBackend(HFModel):
     def generate(self, system_prompt: str, user_text: str, seed: int) -> Generation:
         s = self.settings
         ids, truncated = self.encode(system_prompt, user_text)
+        kv_len = bucket_for(ids.shape[1] + s.max_new_tokens, self.kv_buckets)
         torch.manual_seed(seed)
         self._sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             if self.on_cuda:
-                tokens, ttft_s = self._decode_cuda(ids, s.max_new_tokens)
+                tokens, ttft_s = self._decode_cuda(ids, s.max_new_tokens, kv_len)
             else:
-                tokens, ttft_s = self._decode_eager(ids, s.max_new_tokens, t0)
+                tokens, ttft_s = self._decode_eager(ids, s.max_new_tokens, kv_len, t0)
         self._sync()
         latency_s = time.perf_counter() - t0
         return self.result(ids, truncated, tokens, latency_s, ttft_s)
 
-    def _decode_eager(self, ids: torch.Tensor, max_new: int, t0: float) -> tuple[list[int], float]:
-        self.cache.reset()
-        self._prefill(ids)
+    def _decode_eager(self, ids: torch.Tensor, max_new: int, kv_len: int, t0: float) -> tuple[list[int], float]:
+        self._prefill(self._load_prompt(ids))
         ttft_s = time.perf_counter() - t0
         tokens = [int(self._tok)]
+        _Attention.kv_len = kv_len
         while len(tokens) < max_new and not self._stopped(tokens):
             self._step()
             tokens.append(int(self._tok))
         return tokens, ttft_s
 
-    def _decode_cuda(self, ids: torch.Tensor, max_new: int) -> tuple[list[int], float]:
-        host = self._host_tokens  # pinned, sized for the run's max_new_tokens at load
+    def _decode_cuda(self, ids: torch.Tensor, max_new: int, kv_len: int) -> tuple[list[int], float]:
+        host, events = self._host_tokens, self._events  # sized for the run's max_new_tokens at load
+        step = self._step_graphs[kv_len]
         start, first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        done = []  # one event per launched token: its value is in host[i] once the event has passed
         start.record()  # the GPU is idle here (synchronised): this is the request's start, as t0 is
-        self.cache.reset()
-        self._prefill(ids)
+        width = self._load_prompt(ids)
+        if self.prefill_graphs:
+            self._prefill_graphs[width].replay()
+        else:
+            self._prefill(width)
         first.record()
+        launched = 0  # tokens whose step is queued; token i is in host[i] once events[i] has passed
 
-        def publish(i: int) -> None:
-            host[i : i + 1].copy_(self._tok.view(1), non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            done.append(ev)
+        def publish() -> None:
+            nonlocal launched
+            host[launched : launched + 1].copy_(self._tok.view(1), non_blocking=True)
+            events[launched].record()
+            launched += 1
 
-        publish(0)
+        publish()
         tokens: list[int] = []
         while True:
             # Queue steps up to LOOKAHEAD_STEPS past the token read next, before reading it.
-            while len(done) < max_new and len(done) <= len(tokens) + LOOKAHEAD_STEPS:
-                self._graph.replay()
-                publish(len(done))
+            while launched < max_new and launched <= len(tokens) + LOOKAHEAD_STEPS:
+                step.replay()
+                publish()
             i = len(tokens)
-            done[i].synchronize()
+            events[i].synchronize()
             tokens.append(int(host[i]))
-            if self._stopped(tokens) or len(tokens) == len(done):
+            if self._stopped(tokens) or len(tokens) == launched:
                 break
         # Steps queued past the stop still run (inside the window); their tokens count
         # in steps_past_stop.
-        for j in range(len(tokens), len(done)):
-            done[j].synchronize()
+        for j in range(len(tokens), launched):
+            events[j].synchronize()
             tokens.append(int(host[j]))
         return tokens, start.elapsed_time(first) / 1e3
