@@ -292,3 +292,37 @@ def test_a_cpu_only_folder_says_why_energy_is_empty(tmp_path, browser):
         pg.close()
     finally:
         demo.close()
+
+
+def test_limits_a_user_set_survive_new_rows(tmp_path, browser):
+    """A live sweep brings rows (and a larger maximum) while the Under limits tab is open:
+    the budget the user set stays, and the new model is judged by it."""
+    store = make_run(tmp_path, "live", [
+        synthetic_rows("live", "alpha-7b", "chat", [300.0, 340.0, 320.0], [200, 220, 210], params_b=7),
+        synthetic_rows("live", "beta-13b", "chat", [900.0, 1000.0, 950.0], [400, 420, 410], params_b=13),
+    ])
+    demo, url = _serve(tmp_path, refresh_s=1.0)
+    pg = browser.new_page(viewport={"width": 1214, "height": 1000})
+    try:
+        pg.goto(url)
+        _wait_text(pg, "#leaderboard", "beta-13b")
+        pg.get_by_role("tab", name="Under limits").click()
+        _wait_text(pg, "#limits-table", "beta-13b")
+        box = pg.locator("#budget input[type=number]")
+        box.fill("500")
+        box.press("Enter")
+        box.blur()
+        _wait_text(pg, "#limits-note", "Not within them: beta-13b")
+        store.write_part(synthetic_rows("live", "gamma-70b", "chat", [1500.0, 1600.0], [500, 520], params_b=70),
+                         job_slug("gamma-70b", "chat"))
+        _wait_text(pg, "#leaderboard", "gamma-70b")
+        _wait_text(pg, "#limits-note", "gamma-70b")
+        note = _text(pg, "#limits-note")
+        assert note.startswith("1 model(s) within the limits") and "beta-13b, gamma-70b" in note, note
+        assert float(box.input_value()) == 500
+        _shot(pg, "ui-limits-live.png")
+        time.sleep(2.5)  # two more refreshes with nothing new: still as set
+        assert float(box.input_value()) == 500 and "beta-13b" in _text(pg, "#limits-note")
+    finally:
+        pg.close()
+        demo.close()

@@ -61,7 +61,7 @@ def test_custom_column_names_must_be_new_plain_names(ui_client, name, refused):
 def _refresh(client, runs, gpus, task, backends):
     """The page's refresh through the API: (live status, leaderboard)."""
     out = client.predict(runs, gpus, task, backends, None, "energy", "parameters", "energy", "gpu", False, "quality",
-                         None, "energy saved %", "latency (s)", None, None, api_name="/refresh")
+                         None, "energy saved %", "latency (s)", 1.0, 1.0, None, None, api_name="/refresh")
     status = next(o for o in out if isinstance(o, str) and "_last change seen" in o)
     return status, out[5]
 

@@ -152,20 +152,31 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             table = table.assign(parameters=table["parameters"].map(format_params))
         return gr.Radio(choices=have, value=gpu), _plot(spec), note, table
 
-    def limit_ranges(runs, task, kind):
+    def limit_ranges(runs, task, kind, kept=None):
+        """The limit sliders for this view and the values to apply. `kept`: (deadline,
+        budget, the maxima last sent), on a refresh of the same view: a value the user
+        moved below its maximum stays (within the new range); one left at its maximum
+        follows the new maximum, so new rows are not cut off by a limit nobody set."""
         agg = folder.aggregates()
         df = filter_aggregates(agg, runs or [], agg["gpu"].dropna().unique().tolist(), task)
         per_token = kind != "latency (s)"
         t = (1000 * df["latency"] / df["response_length"]) if per_token else df["latency"]
-        tmax = float(t.max()) if t.notna().any() else 1.0
-        emax = float(df["energy"].max()) if df["energy"].notna().any() else None
-        deadline = gr.Slider(minimum=0, maximum=round(tmax * 1.05, 3), value=round(tmax * 1.05, 3),
+        dmax = round(float(t.max()) * 1.05, 3) if t.notna().any() else 1.05
+        bmax = round(float(df["energy"].max()) * 1.05, 1) if df["energy"].notna().any() else None
+        dval, bval = dmax, bmax
+        if kept is not None and kept[2] is not None:
+            d_old, b_old, (dmax_old, bmax_old) = kept
+            if d_old is not None and d_old < dmax_old:
+                dval = min(d_old, dmax)
+            if bmax is not None and b_old is not None and bmax_old is not None and b_old < bmax_old:
+                bval = min(b_old, bmax)
+        deadline = gr.Slider(minimum=0, maximum=dmax, value=dval,
                              label="Deadline: " + ("time per output token (ms)" if per_token else "latency (s)"))
-        budget = (gr.Slider(minimum=0, maximum=round(emax * 1.05, 1), value=round(emax * 1.05, 1), interactive=True,
-                            label="Energy budget per response (J)") if emax is not None else
+        budget = (gr.Slider(minimum=0, maximum=bmax, value=bval, interactive=True,
+                            label="Energy budget per response (J)") if bmax is not None else
                   gr.Slider(minimum=0, maximum=1, value=1, interactive=False,
                             label="Energy budget: no energy measured in these runs"))
-        return deadline, budget, (tmax * 1.05, emax * 1.05 if emax is not None else None)
+        return deadline, budget, (dval, bval), (dmax, bmax)
 
     def limits(runs, task, kind, deadline, budget):
         agg = folder.aggregates()
@@ -369,19 +380,20 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         compare_out = [c_energy, c_note, c_length, c_hist, c_table]
 
         def on_filter(runs, gpus, task, backends, custom_cols, columns, rank_by, x, y, colour, log, score,
-                      vgpu, vmeasure, kind):
+                      vgpu, vmeasure, kind, kept=None):
             b = board(runs, gpus, task, backends, custom_cols, columns, rank_by)
-            dl, db, (dmax, bmax) = limit_ranges(runs, task, kind)
+            dl, db, (dval, bval), maxima = limit_ranges(runs, task, kind, kept)
             return (*b, *plots(b[3], x, y, colour, log, score), *verb(runs, gpus, backends, vgpu, vmeasure),
-                    dl, db, *limits(runs, task, kind, dmax, bmax))
+                    dl, db, *limits(runs, task, kind, dval, bval), maxima)
 
+        limit_max = gr.State(None)  # (deadline, budget) maxima last sent to the sliders
         view_in = F + T + P + V + [limit_kind]
-        view_out = board_out + plot_out + verb_out + [deadline, budget] + limits_out
+        view_out = board_out + plot_out + verb_out + [deadline, budget] + limits_out + [limit_max]
         for comp in F:
             comp.input(on_filter, view_in, view_out, api_name=False)
 
         def refresh(*args):
-            *view_args, old_runs, old_gpus, old_backends, detail_run, c_run_now, last = args
+            *view_args, dl_now, db_now, maxima, old_runs, old_gpus, old_backends, detail_run, c_run_now, last = args
             runs, gpus, task, backends = view_args[:4]
             agg = folder.aggregates()
             all_runs, all_gpus, all_tasks, all_backends = choices(agg)
@@ -396,9 +408,11 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             backends = [b for b in all_backends if b in (backends or []) or b not in (old_backends or [])]
             task = task if task in all_tasks else ("chat" if "chat" in all_tasks else (all_tasks[0] if all_tasks
                                                                                        else None))
-            shown = on_filter(runs, gpus, task, backends, *view_args[4:])
             same_choices = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
                             and all_backends == (old_backends or []) and detail_run is not None)
+            # The same view with new rows keeps the limits the user set.
+            kept = (dl_now, db_now, maxima) if same_choices else None
+            shown = on_filter(runs, gpus, task, backends, *view_args[4:], kept=kept)
             if same_choices:  # leave the filter widgets alone: a re-render would close an open menu
                 widgets = (SKIP(),) * 4
                 detail = (SKIP(),) * (3 + len(detail_out))
@@ -418,7 +432,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         known_runs = gr.State(runs0)
         known_gpus = gr.State(gpus0)
         known_backends = gr.State(backends0)
-        refresh_in = view_in + [known_runs, known_gpus, known_backends, d_run, c_run, seen]
+        refresh_in = view_in + [deadline, budget, limit_max, known_runs, known_gpus, known_backends, d_run, c_run, seen]
         refresh_out = ([runs_in, gpus_in, task_in, backends_in] + view_out + [live, d_run, d_model, d_task]
                        + detail_out + [c_run, c_task, c_models] + compare_out + [about, known_runs, known_gpus, known_backends, seen])
 
@@ -431,10 +445,11 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             comp.input(verb, [runs_in, gpus_in, backends_in] + V, verb_out, api_name=False)
 
         def on_kind(runs, task, kind):
-            dl, db, (dmax, bmax) = limit_ranges(runs, task, kind)
-            return dl, db, *limits(runs, task, kind, dmax, bmax)
+            dl, db, (dval, bval), maxima = limit_ranges(runs, task, kind)
+            return dl, db, *limits(runs, task, kind, dval, bval), maxima
 
-        limit_kind.input(on_kind, [runs_in, task_in, limit_kind], [deadline, budget] + limits_out, api_name=False)
+        limit_kind.input(on_kind, [runs_in, task_in, limit_kind], [deadline, budget] + limits_out + [limit_max],
+                         api_name=False)
         for comp in (deadline, budget):
             comp.release(limits, [runs_in, task_in] + L, limits_out, api_name=False)
 
