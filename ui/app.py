@@ -432,7 +432,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         known_runs = gr.State(runs0)
         known_gpus = gr.State(gpus0)
         known_backends = gr.State(backends0)
-        refresh_in = view_in + [deadline, budget, limit_max, known_runs, known_gpus, known_backends, d_run, c_run, seen]
+        refresh_in = view_in + [deadline, budget, limit_max, known_runs, known_gpus, known_backends, d_run, c_run,
+                                seen]
         refresh_out = ([runs_in, gpus_in, task_in, backends_in] + view_out + [live, d_run, d_model, d_task]
                        + detail_out + [c_run, c_task, c_models] + compare_out + [about, known_runs, known_gpus, known_backends, seen])
 

@@ -45,7 +45,7 @@ from sweep.backends.base import BackendError, Effective, Generation, HFModel
 # inside a window past the stop is 2.
 LOOKAHEAD_STEPS = 2
 # Attention lengths a decode step is captured for: context_length >> k, k < KV_BUCKETS
-# (each one compiled at load), none shorter than MIN_KV_BUCKET.
+# (one graph each, captured at load from one compiled step), none shorter than MIN_KV_BUCKET.
 KV_BUCKETS = 4
 MIN_KV_BUCKET = 128
 MIN_PROMPT_BUCKET = 16
@@ -300,8 +300,9 @@ class CompiledBackend(HFModel):
             layer.cumulative_length.zero_()
         self._set_host_fill(0)
         ids = self._ids[:, :width]
-        kw = {self._cache_kw: self.cache, "logits_to_keep": self._last} if self._keep_logits else {self._cache_kw: self.cache}
-        logits = self.model(input_ids=ids, position_ids=self._positions[:, :width], use_cache=True, **kw).logits
+        keep = {"logits_to_keep": self._last} if self._keep_logits else {}
+        logits = self.model(input_ids=ids, position_ids=self._positions[:, :width], use_cache=True,
+                            **{self._cache_kw: self.cache}, **keep).logits
         logits = logits[0, -1] if self._keep_logits else logits[0].index_select(0, self._last)[0]
         # The pads' keys and values stay in the cache past the prompt: each decode step
         # overwrites the next one before the mask lets it be attended.
