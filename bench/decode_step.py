@@ -11,6 +11,7 @@ time is spent on, and how much of the replay the GPU is busy.
 
     python bench/decode_step.py --preset tinyllama-1.1b
     python bench/decode_step.py --preset llama2-7b --variants shipped no-cd
+    python bench/decode_step.py --attention-only
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ VARIANTS = {
     # (keys and values copied per query head)
     "whole-cache": {"kv_bucket_count": 1, "bucketed_attention": False},
     "eager-prefill": {"prefill_graphs": False},
+    "flash": {"attention_kernel": "flash"},  # FlashAttention's KV-cache decode, not masked SDPA
+    "cd": {"inductor_config": CD},  # pointwise work inlined into the reductions that read it
     "no-cd": {"inductor_config": {}},  # matrix-vector products through cuBLAS, not Triton reductions
     "max-autotune": {"inductor_config": {**CD, "max_autotune": True}},
+    # programmatic dependent launch: a kernel starts while the one before it drains
+    "pdl": {"inductor_config": {**CompiledBackend.inductor_config, "triton.enable_pdl": True}},
 }
 
 
@@ -90,7 +95,7 @@ def replay_energy_j(be, kv_len: int, seconds: float = 3.0) -> tuple[float, float
     return joules / steps, joules / elapsed
 
 
-def kernel_table(be, kv_len: int, steps: int = 20, top: int = 16) -> None:
+def kernel_table(be, kv_len: int, steps: int = 20, top: int = 30) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     graph = be._step_graphs[kv_len]
@@ -118,6 +123,48 @@ def kernel_table(be, kv_len: int, steps: int = 20, top: int = 16) -> None:
         print(f"{name[:69]:<70}{n / steps:>9.1f}{us / steps:>9.1f}{us / steps / busy_us:>7.1%}")
 
 
+def attention_ms(heads: int, kv_heads: int, kv_len: int, used: int, calls: int = 22, dim: int = 64) -> float:
+    """ms for `calls` decode attentions (a step's worth of layers) over a bucket of `kv_len`
+    with `used` keys, replayed as one CUDA graph: the attention kernel alone."""
+    q = torch.randn(1, heads, 1, dim, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(1, kv_heads, kv_len, dim, device="cuda", dtype=torch.float16) for _ in range(2))
+    mask = torch.full((1, 1, 1, kv_len), torch.finfo(torch.float16).min, device="cuda", dtype=torch.float16)
+    mask[..., :used] = 0
+    used_k = torch.tensor([used], dtype=torch.int32, device="cuda")
+    from sweep.backends.compiled import decode_attention
+
+    def layers():
+        for _ in range(calls):
+            decode_attention(q, k, v, mask, dim ** -0.5, used_k)
+
+    layers()  # warm-up (outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layers()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 100
+
+
+def attention_table() -> None:
+    """The decode step's attention alone: flash (device fill level) against masked SDPA."""
+    print(f"{'shape':<34}{'bucket':>7}{'keys':>6}{'flash ms':>9}{'sdpa ms':>9}   (one step: every layer)")
+    for name, heads, kv_heads, layers in (("tinyllama-1.1b (32 q / 4 kv heads)", 32, 4, 22),
+                                          ("llama2-7b (32 / 32)", 32, 32, 32)):
+        for kv_len, used in ((512, 350), (1024, 700), (2048, 1500)):
+            row = {}
+            for kernel in ("flash", "sdpa"):
+                _Attention.kernel, _Attention.kv_len = kernel, None
+                row[kernel] = attention_ms(heads, kv_heads, kv_len, used, layers)
+            print(f"{name:<34}{kv_len:>7}{used:>6}{row['flash']:>9.3f}{row['sdpa']:>9.3f}")
+    _Attention.kernel = CompiledBackend.attention_kernel
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tinyllama-1.1b")
@@ -126,10 +173,16 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--context-length", type=int, default=2048)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--profile", default=None, help="variant whose kernels are listed (default: the first)")
     p.add_argument("--attention", nargs="*", default=[], metavar="GROUPING[:BACKEND]",
                    help="after the first variant, recapture its steps with each of these ways of attending "
-                        "(fold or repeat, optionally :EFFICIENT_ATTENTION, :CUDNN_ATTENTION, :MATH) and time them")
+                        "(flash; or SDPA with fold or repeat, optionally :EFFICIENT_ATTENTION, :CUDNN_ATTENTION, "
+                        ":MATH) and time them")
+    p.add_argument("--attention-only", action="store_true",
+                   help="time the decode attention kernels alone (flash and SDPA), no model")
     args = p.parse_args()
+    if args.attention_only:
+        return attention_table()
     bw = copy_bandwidth_bytes_s()
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.7,
                                   context_length=args.context_length)
@@ -165,7 +218,7 @@ def main() -> None:
               + ", ".join(f"{kv}: {ms:.3f}" for kv, ms in steps.items())
               + f"; {j_step:.3f} J/step at {watts:.0f} W; requests {req_tok_s:.1f} tok/s, "
               f"TTFT {row['ttft_ms']:.1f} ms", flush=True)
-        if not profiled and not args.no_profile:
+        if not profiled and not args.no_profile and name == (args.profile or args.variants[0]):
             profiled = True
             try:
                 kernel_table(be, used)
@@ -174,6 +227,7 @@ def main() -> None:
         if name == args.variants[0]:
             for way in args.attention:
                 grouping, _, forced = way.partition(":")
+                _Attention.kernel = "flash" if way == "flash" else "sdpa"
                 _Attention.grouping = grouping
                 _Attention.sdpa_backend = getattr(torch.nn.attention.SDPBackend, forced) if forced else None
                 be._step_graphs.clear()
@@ -183,7 +237,7 @@ def main() -> None:
                 j, w = replay_energy_j(be, used)
                 print(f"# attention {way}: step {ms:.3f} ms ({wb / ms * 1e3 / bw:.1%}) over {used}; "
                       f"{j:.3f} J/step at {w:.0f} W", flush=True)
-            _Attention.grouping, _Attention.sdpa_backend = "fold", None
+            _Attention.grouping, _Attention.sdpa_backend, _Attention.kernel = "fold", None, be.attention_kernel
         be = variant = None
         gc.collect()
         torch.cuda.empty_cache()
