@@ -86,6 +86,33 @@ def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_two_steps_la
 
 
 @one_gpu
+@pytest.mark.parametrize("heads, kv_heads", [(32, 4), (32, 32)])
+def test_flash_decode_attention_matches_masked_sdpa(heads, kv_heads):
+    """The compiled step's flash kernel (fill level read from the device, no mask) attends
+    to what masked SDPA attends to, over a cache bucket that holds more than the fill."""
+    from sweep.backends.compiled import _Attention, decode_attention, flash_decode_available
+
+    if not flash_decode_available():
+        pytest.skip("this torch has no FlashAttention forward with seqused_k")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, heads, 1, 64, device="cuda", dtype=torch.float16, generator=g)
+    k, v = (torch.randn(1, kv_heads, 2048, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
+    kernel, kv_len = _Attention.kernel, _Attention.kv_len
+    try:
+        for used, bucket in [(1, 256), (100, 256), (256, 256), (700, 1024), (2048, None)]:
+            _Attention.kv_len = bucket
+            mask = torch.full((1, 1, 1, 2048), torch.finfo(torch.float16).min, device="cuda", dtype=torch.float16)
+            mask[..., :used] = 0
+            _Attention.kernel = "sdpa"
+            want = decode_attention(q, k, v, mask, 0.125)
+            _Attention.kernel = "flash"
+            got = decode_attention(q, k, v, mask, 0.125, torch.tensor([used], dtype=torch.int32, device="cuda"))
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{used} keys, bucket {bucket}")
+    finally:
+        _Attention.kernel, _Attention.kv_len = kernel, kv_len
+
+
+@one_gpu
 def test_validate_timeline_and_prefill_decode_split_on_one_gpu(tmp_path):
     """A 1.1B run that validates; its power timeline splits each request's energy into
     prefill and decode, which add up to the counter's energy; 4-token responses are

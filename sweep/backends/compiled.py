@@ -78,26 +78,59 @@ class _Attention:
     value keeps it, so one compiled step serves every bucket's graph."""
 
     kv_len: int | None = None
-    # How grouped KV heads are attended (bench/decode_step.py compares them): "fold" the
-    # query heads sharing a KV head into rows of one query, or "repeat" K and V per query head.
+    # The decode step's attention kernel on CUDA: "flash" (FlashAttention's KV-cache decode,
+    # which splits the keys across thread blocks and reads the fill level from the device)
+    # or "sdpa" (PyTorch's SDPA with the additive mask: one thread block per KV head).
+    kernel: str = "sdpa"  # set at load from CompiledBackend.attention_kernel ("sdpa" where torch has no flash)
+    # How grouped KV heads are attended by "sdpa" (bench/decode_step.py compares them): "fold"
+    # the query heads sharing a KV head into rows of one query, or "repeat" K and V per query head.
     grouping: str = "fold"
     sdpa_backend = None  # a torch.nn.attention.SDPBackend to force, None: PyTorch's choice
+    _cu_seqlens: dict = {}  # (device, kv_len) -> FlashAttention's cumulative lengths, made once
+
+
+def flash_decode_available() -> bool:
+    schema = getattr(getattr(torch.ops.aten, "_flash_attention_forward", None), "default", None)
+    return schema is not None and "seqused_k" in {a.name for a in schema._schema.arguments}
+
+
+def _flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used_k: torch.Tensor,
+                  scale: float | None) -> torch.Tensor:
+    """One query token over the first used_k[0] positions of the cache (a device count: no
+    mask, no host sync), as FlashAttention's variable-length forward with `seqused_k`. For
+    grouped KV heads it folds the query heads sharing one into rows and splits the keys
+    across thread blocks, so a short cache still fills the GPU."""
+    kv_len = key.shape[2]
+    b, heads, _, dim = query.shape
+    cu = _Attention._cu_seqlens.get((query.device, kv_len))
+    if cu is None:  # the first call is a warm-up, never inside a graph capture
+        cu = _Attention._cu_seqlens[(query.device, kv_len)] = (
+            torch.tensor([0, 1], dtype=torch.int32, device=query.device),
+            torch.tensor([0, kv_len], dtype=torch.int32, device=query.device))
+    # (tokens, heads, dim) views of the cache's (1, heads, positions, dim): no copy
+    out = torch.ops.aten._flash_attention_forward(
+        query.reshape(heads, dim).unsqueeze(0), key[0].transpose(0, 1), value[0].transpose(0, 1), cu[0], cu[1],
+        1, kv_len, 0.0, False, False, scale=scale, seqused_k=used_k)[0]
+    return out.view(b, heads, 1, value.shape[-1])
 
 
 @torch.library.custom_op("sweep::decode_attention", mutates_args=())
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float | None) -> torch.Tensor:
+                     scale: float | None, used_k: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA of a one-token query (batch, heads, 1, dim) over the first `_Attention.kv_len`
     positions of the cache. The positions cut off are ones the mask hides anyway: the
     result is the same, without reading them. Query heads that share a KV head become
     rows of one query, so K and V are read once, not copied per query head (what
-    transformers' `repeat_kv` does)."""
+    transformers' `repeat_kv` does). `used_k` (int32, (1,)): how many positions hold keys,
+    for the flash kernel, which needs no mask."""
     from contextlib import nullcontext
 
     kv_len = _Attention.kv_len
     if kv_len is not None and kv_len < key.shape[2]:
         key, value = key[:, :, :kv_len], value[:, :, :kv_len]
         mask = None if mask is None else mask[..., :kv_len]
+    if used_k is not None and query.is_cuda and _Attention.kernel == "flash" and query.shape[0] == 1:
+        return _flash_decode(query, key, value, used_k, scale)
     b, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -114,16 +147,22 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 @decode_attention.register_fake
-def _(query, key, value, mask, scale):
+def _(query, key, value, mask, scale, used_k=None):
     return query.new_empty((*query.shape[:3], value.shape[-1]))
 
 
 def bucketed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, with decode steps through `decode_attention`."""
+    """transformers' SDPA attention, with decode steps through `decode_attention`. The
+    decode step's position (transformers passes `position_ids` down to attention) gives the
+    number of cached keys the flash kernel reads."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if query.shape[2] == 1 and attention_mask is not None and not kwargs.get("softcap"):
-        return decode_attention(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+        positions = kwargs.get("position_ids")
+        used_k = None
+        if positions is not None and query.shape[0] == 1 and _Attention.kernel == "flash":
+            used_k = (positions.reshape(-1)[-1:] + 1).to(torch.int32)  # the same in every layer: computed once
+        return decode_attention(query, key, value, attention_mask, scaling, used_k).transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
@@ -188,10 +227,17 @@ def sample(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, 
 
 class CompiledBackend(HFModel):
     name = "compiled"
-    # How the decode step is compiled. Measured on an H100 (bench/decode.py): coordinate-
-    # descent tuning of Inductor's kernels took a 1.1B model from 413 to 472 tokens/s and
-    # a 7B one from 147 to 167, for about a minute more at load.
-    inductor_config: dict = {"coordinate_descent_tuning": True}
+    # How the decode step is compiled. Coordinate-descent tuning makes Inductor compute
+    # each matrix-vector product as a tuned Triton reduction (on an H100 it took a 1.1B
+    # model from 413 to 472 tokens/s and a 7B one from 147 to 167, for about a minute more
+    # at load). Pointwise work of more than 8 ops is stored once, not recomputed inside
+    # every reduction that reads it (silu(gate) * up is read by each row of down_proj): on
+    # an H200 that took a 1.1B step from 1.51 to 1.32 ms and 0.66 to 0.56 J
+    # (bench/decode_step.py, variants cd and shipped).
+    inductor_config: dict = {"coordinate_descent_tuning": True, "realize_opcount_threshold": 8}
+    # The decode step's attention on CUDA (see _Attention): "sdpa" until "flash" is measured
+    # on a GPU against it (bench/decode_step.py --attention-only, variant flash).
+    attention_kernel: str = "sdpa"
     kv_bucket_count: int = KV_BUCKETS  # 1: every step attends over the whole cache
     bucketed_attention: bool = True  # False: transformers' own SDPA (bench comparisons)
     prefill_graphs: bool = True  # False: eager prefill of the exact prompt (bench comparisons)
@@ -224,6 +270,7 @@ class CompiledBackend(HFModel):
         # logit soft-capping, say) keeps it and attends over the whole cache.
         if self.bucketed_attention and self.model.config._attn_implementation == "sdpa":
             register_attention()
+            _Attention.kernel = self.attention_kernel if flash_decode_available() else "sdpa"
             self.model.set_attn_implementation(ATTENTION)
             self.kv_buckets = kv_buckets(s.context_length, self.kv_bucket_count)
         else:
