@@ -235,8 +235,9 @@ class CompiledBackend(HFModel):
     # an H200 that took a 1.1B step from 1.51 to 1.32 ms and 0.66 to 0.56 J
     # (bench/decode_step.py, variants cd and shipped).
     inductor_config: dict = {"coordinate_descent_tuning": True, "realize_opcount_threshold": 8}
-    # The decode step's attention on CUDA (see _Attention): "sdpa" until "flash" is measured
-    # on a GPU against it (bench/decode_step.py --attention-only, variant flash).
+    # The decode step's attention on CUDA (see _Attention). Timed alone on an H200, "flash"
+    # beats "sdpa" for grouped KV heads and loses for one KV head per query head
+    # (bench/decode_step.py --attention-only); "sdpa" stays until whole requests measure it.
     attention_kernel: str = "sdpa"
     kv_bucket_count: int = KV_BUCKETS  # 1: every step attends over the whole cache
     bucketed_attention: bool = True  # False: transformers' own SDPA (bench comparisons)
