@@ -37,7 +37,7 @@ from sweep.quality import ENERGY_FLAGS
 from sweep.record import RESULT_SCHEMA
 
 KEYS = ["run_id", "gpu", "model", "backend", "task"]
-# Partials keep the full GPU name: names that differ can share a short name (H100 PCIe / SXM).
+# Partials keep the GPU's name as the device reports it; figures group by `gpu_label` of it.
 PARTIAL_KEYS = ["run_id", "gpu_name", "model", "backend", "task"]
 PART_FILE = "part_file"
 # A worker: `validate` compares the same GPU model across workers.
@@ -79,10 +79,17 @@ _NULL = pa.scalar(None, pa.float64())
 _SUM0 = pc.ScalarAggregateOptions(min_count=0)  # a group whose values are all null sums to 0, not null
 
 
-def gpu_short_name(gpu_name: str) -> str:
-    """'NVIDIA H200' -> 'H200', 'NVIDIA A100-SXM4-80GB' -> 'A100-SXM4-80GB'."""
-    name = re.sub(r"^NVIDIA\s+", "", str(gpu_name)).split(" ")[0]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "GPU"
+def gpu_label(gpu_name: str) -> str:
+    """The GPU as figures are grouped and shown: the device's full name without the
+    vendor ('NVIDIA H100 PCIe' -> 'H100 PCIe', 'NVIDIA H100 80GB HBM3' -> 'H100 80GB
+    HBM3'), so that different boards are never ranked as one."""
+    return " ".join(re.sub(r"^NVIDIA\s+", "", str(gpu_name)).split()) or "GPU"
+
+
+def gpu_file_name(label: str) -> str:
+    """A GPU label as the {GPU} of a 2023-style CSV name: no '_' (it separates the
+    fields), no character a file name cannot hold."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", label).strip("-.") or "GPU"
 
 
 def results_dataset(paths: list[Path]) -> ds.Dataset:
@@ -113,11 +120,14 @@ def _float(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.if_else(pc.is_nan(col), _NULL, col)
 
 
-def _row_table(scan: pa.Table) -> pa.Table:
-    """Scanned rows -> one column per quantity that partials sum or pick."""
+def _row_table(scan: pa.Table, run_id: str | None = None) -> pa.Table:
+    """Scanned rows -> one column per quantity that partials sum or pick. `run_id`: the
+    run the rows were read from (its folder), whatever run id the rows carry."""
     energy = _float(scan["energy_j"])
     measured = pc.is_valid(energy)
     cols = {k: scan[k] for k in PARTIAL_KEYS}
+    if run_id is not None:
+        cols["run_id"] = pa.repeat(pa.scalar(run_id, pa.string()), scan.num_rows)
     cols["backend"] = pc.fill_null(scan["backend"], BACKEND_WHEN_ABSENT)
     for figure, (column, only_measured) in MEANS.items():
         v = _float(scan[column])
@@ -159,13 +169,16 @@ def _group(rows: pa.Table, keys: list[str]) -> pa.Table:
     return out.rename_columns([names.get(c, c) for c in out.column_names]).select(keys + SUMS + list(FIRSTS))
 
 
-def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, ids: list | None = None) -> pa.Table:
+def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, ids: list | None = None,
+             run_id: str | None = None) -> pa.Table:
     """Per (run, gpu_name, model, backend, task) partial sums of the rows of some part
     files; with `by_file`, per part file too (column `part_file`, the file's name), so that
     a live view can keep them per file, and add or drop files; with `by_worker`, per
     (host, gpu_index) too. With `ids` (a list), the (model, task, prompt_id) of every row
     (and its `part_file` with `by_file`) are appended to it, a table per chunk: `validate`
-    counts them, in the same pass.
+    counts them, in the same pass. `run_id`: the run the files belong to (the name of its
+    folder); rows keep the run id they were written under, which a renamed or copied
+    folder no longer has, and figures are per run.
 
     Files are read a chunk at a time (memory stays that of one chunk, whatever the run's
     size), each with pyarrow's Parquet reader, in a few threads: on 7,520 files of 64 rows
@@ -183,7 +196,7 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, 
                                       for i, t in enumerate(tables))
             if ids is not None:
                 ids.append(tagged.select(["model", "task", "prompt_id", PART_FILE]))
-            out.append(_group(_row_table(tagged), keys))
+            out.append(_group(_row_table(tagged, run_id), keys))
     table = pa.concat_tables(out)
     names = pa.array([Path(p).name for p in paths], pa.string())
 
@@ -208,7 +221,7 @@ def finish(parts: pa.Table, extra_keys: list[str] = []) -> pd.DataFrame:
     if parts.num_rows == 0:
         return pd.DataFrame(columns=keys + FIGURES)
     gpu_names = parts["gpu_name"].unique()  # a few: short names in Python, then a lookup
-    short = pa.array([gpu_short_name(n) for n in gpu_names.to_pylist()], pa.string())
+    short = pa.array([gpu_label(n) for n in gpu_names.to_pylist()], pa.string())
     parts = parts.append_column("gpu", short.take(pc.index_in(parts["gpu_name"], gpu_names)))
     specs = [(c, "sum") for c in SUMS] + [(c, "first") for c in FIRSTS]
     g = parts.group_by(keys, use_threads=False).aggregate(specs)
@@ -258,12 +271,13 @@ def _figures(out: pd.DataFrame, s: dict[str, np.ndarray], keys: list[str] = KEYS
 
 
 @functools.lru_cache(maxsize=1)
-def worker_partials(paths: tuple[Path, ...]) -> tuple[pa.Table, pa.Table]:
-    """(`partials(paths, by_worker=True)`, every row's (model, task, prompt_id)), kept for
-    the last set of files: a report, then its validation and CSVs, read the run once (a
-    part file never changes once written; a new or removed one is a new key)."""
+def worker_partials(paths: tuple[Path, ...], run_id: str) -> tuple[pa.Table, pa.Table]:
+    """(`partials(paths, by_worker=True, run_id=run_id)`, every row's (model, task,
+    prompt_id)), kept for the last set of files: a report, then its validation and CSVs,
+    read the run once (a part file never changes once written; a new or removed one is a
+    new key)."""
     ids: list[pa.Table] = []
-    parts = partials(list(paths), by_worker=True, ids=ids)
+    parts = partials(list(paths), by_worker=True, ids=ids, run_id=run_id)
     return parts, pa.concat_tables(ids)
 
 

@@ -87,7 +87,7 @@ def _inputs(args):
 def _plan(args, store, models, tasks, prompt_set):
     """(manifest or None, jobs, stored rows per job, jobs to run) of the run as it is on
     disk; a resume must measure under the stored settings (ConfigError otherwise)."""
-    from sweep.manifest import merge_for_resume, stored_manifest
+    from sweep.manifest import adopt_folder_name, merge_for_resume, stored_manifest
     from sweep.plan import make_plan
 
     manifest = stored_manifest(store)
@@ -99,6 +99,11 @@ def _plan(args, store, models, tasks, prompt_set):
                           f"{store.quarantine_dir}) or use a new --run-id")
     if manifest is not None:
         manifest = merge_for_resume(manifest, models, tasks, args.tasks, args.config)
+        check_same_prompts(store, manifest, prompt_set)
+        old_id = adopt_folder_name(manifest, store.run_dir.name)
+        if old_id is not None:
+            print(f"note: {store.run_dir} was run {old_id!r} (the folder was renamed or copied); the run is the "
+                  f"folder: it continues as {store.run_dir.name!r}, and its rows are read as this run's")
     jobs = [j for j in make_plan(models, tasks) if not args.only_tasks or j.task in args.only_tasks]
     wanted = {p.prompt_id for p in prompt_set.prompts}
     stored = {(j.model, j.task): len(done.get((j.model, j.task), set()) & wanted) for j in jobs}
@@ -112,6 +117,28 @@ def _plan(args, store, models, tasks, prompt_set):
     return manifest, jobs, stored, todo
 
 
+def check_same_prompts(store, manifest: dict, prompt_set) -> None:
+    """A resume measures the prompts the run was started on: the ids and texts sampled now
+    must be those stored in prompts.parquet (and the manifest's digest of them, where it
+    has one). ConfigError naming the dataset and the first prompt that differs."""
+    from sweep.manifest import prompts_digest
+
+    source = prompt_set.source
+    stored = store.read_prompts()
+    now = {p.prompt_id: p.text for p in prompt_set.prompts}
+    if len(stored):
+        before = dict(zip(stored["prompt_id"], stored["prompt"]))
+        for pid in sorted(set(before) | set(now)):
+            if before.get(pid) != now.get(pid):
+                what = ("is new" if pid not in before else "is gone" if pid not in now else "has another text")
+                raise ConfigError(f"{source}: prompt {pid[:80]!r} {what} since the run was started (its prompts are in "
+                                  f"{store.prompts_path}); the dataset changed: use a new --run-id")
+    digest = (manifest.get("prompts") or {}).get("sha256")
+    if digest is not None and digest != prompts_digest(prompt_set.prompts):
+        raise ConfigError(f"{source}: the sampled prompts differ from those the run was started on (manifest "
+                          f"prompts.sha256); the dataset changed: use a new --run-id")
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -119,7 +146,7 @@ def _now() -> str:
 def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, todo) -> int:
     """One driver session on a validated plan: write the run, sweep, close the session."""
     from sweep.driver import SweepOptions, SweepOutcome, run_sweep
-    from sweep.manifest import new_manifest
+    from sweep.manifest import new_manifest, prompts_digest
     from sweep.store import is_disk_full, job_slug
 
     run_id = store.run_dir.name
@@ -149,7 +176,8 @@ def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, tod
             store.write_prompts(prompt_set.prompts)
             if manifest is None:
                 prompt_info = {"source": prompt_set.source, "count": len(prompt_set.prompts),
-                               "available": prompt_set.available, "skipped_empty": prompt_set.skipped_empty}
+                               "available": prompt_set.available, "skipped_empty": prompt_set.skipped_empty,
+                               "sha256": prompts_digest(prompt_set.prompts)}
                 manifest = new_manifest(run_id, models, tasks, prompt_info)
             # The tasks this session was asked for: `validate` plans a run by its sessions' tasks.
             session = {"started_at": _now(), "argv": sys.argv[1:],
@@ -162,6 +190,9 @@ def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, tod
             # A job whose last rows a crash left only in its log counts as done (a resume
             # reads logs too) and is not run again: its rows move into the dataset here.
             for j in (j for j in jobs if j not in todo):
+                # Every row stored: whatever failed before (a writer killed while it closed the
+                # job), the job is not failed.
+                store.clear_failure(j.model, j.task)
                 slug = job_slug(j.model, j.task)
                 if (store.wal_dir / f"{slug}.jsonl").is_file():
                     try:
@@ -277,22 +308,29 @@ def cmd_report(argv: list[str]) -> int:
             return EXIT_BAD_INPUT
     print_leaderboard(store)
     if args.csv:
-        for path in write_csvs(store, args.csv):
-            print(f"wrote {path}")
+        try:
+            for path in write_csvs(store, args.csv):
+                print(f"wrote {path}")
+        except (ConfigError, OSError) as exc:
+            why = exc if isinstance(exc, ConfigError) else f"command line: --csv: {exc.filename}: {exc.strerror}"
+            print(f"error: {why}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     return 0
 
 
 def cmd_validate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m sweep validate",
                                 description="Check a run: complete, each row stored once, energy trustworthy. "
-                                            "Exit 0 when no error-level check fails, 1 otherwise.")
+                                            "Exit 0 when no error-level check fails (with --strict: no check), "
+                                            "1 otherwise.")
     p.add_argument("run_dir")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--strict", action="store_true", help="a failed warning-level check fails the run too")
     args = p.parse_args(argv)
     import json
 
     from sweep.store import RunStore
-    from sweep.validate import ERROR, as_records, print_table, validate
+    from sweep.validate import as_records, failed_run, print_table, validate
 
     store = RunStore(args.run_dir)
     if not store.results_dir.is_dir():
@@ -302,8 +340,8 @@ def cmd_validate(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(as_records(expectations), indent=1))
     else:
-        print_table(expectations)
-    return 1 if any(not e.passed and e.severity == ERROR for e in expectations) else 0
+        print_table(expectations, args.strict)
+    return 1 if failed_run(expectations, args.strict) else 0
 
 
 def cmd_compact(argv: list[str]) -> int:

@@ -24,6 +24,7 @@ BUILTIN_DATASET = "builtin"
 # Ray's own resources; a model asks for custom ones only (sweep sets GPU and CPU per worker).
 RAY_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory", "accelerator_type"})
 CUSTOM_RESOURCE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,99}")
+RESOURCE_UNITS = 10_000
 
 
 class ConfigError(Exception):
@@ -70,15 +71,24 @@ class ModelSpec(_Strict):
                 raise ValueError(f"resource {name!r} is set by sweep itself (use gpus: for GPUs)")
             if not amount > 0:
                 raise ValueError(f"resource {name!r}: must be a positive number (got {amount!r})")
+            # Ray keeps resource amounts in units of 1/10,000 and refuses finer ones.
+            if abs(amount * RESOURCE_UNITS - round(amount * RESOURCE_UNITS)) > 1e-6 * max(1.0, amount):
+                raise ValueError(f"resource {name!r}: at most 4 decimals, as Ray takes it (got {amount!r})")
         return resources
 
     @field_validator("name")
     @classmethod
     def _usable_name(cls, name: str) -> str:
         # Any other text works (files are named from a hash-suffixed slug of it); a
-        # control character (a newline) would break every one-line message naming it.
-        if any(unicodedata.category(c) == "Cc" for c in name):
-            raise ValueError("must not contain control characters (newline, tab, ...)")
+        # control character (a newline) would break every one-line message naming it, and
+        # an invisible format character (a bidirectional override, a zero-width space)
+        # reverses the rest of a line or makes two names look the same.
+        for c in name:
+            if unicodedata.category(c) == "Cc":
+                raise ValueError("must not contain control characters (newline, tab, ...)")
+            if unicodedata.category(c) == "Cf":
+                raise ValueError(f"must not contain invisible format characters (U+{ord(c):04X} "
+                                 f"{unicodedata.name(c, 'format character')})")
         return _not_blank(name)
 
     @field_validator("path")

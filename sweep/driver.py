@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweep import ray_sessions
 from sweep.config import ModelsFile, TasksFile
 from sweep.plan import Job, Scheduler
 from sweep.prompts import PromptSet
@@ -77,11 +78,18 @@ def _start_ray(opts: SweepOptions):
     # caller's, which stops the sweep like Ctrl-C.
     main_thread = threading.current_thread() is threading.main_thread()
     sigterm = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if not opts.address:
+        ended = ray_sessions.end_orphans()
+        if ended:
+            print(f"Ended {len(ended)} process(es) left by the Ray instance of a sweep whose driver was killed",
+                  flush=True)
     try:
-        return ray.init(runtime_env=env, **kwargs)
+        ctx = ray.init(runtime_env=env, **kwargs)
     finally:
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
+    record = None if opts.address else ray_sessions.record(ctx.address_info["session_dir"])
+    return ctx, record
 
 
 def _local_gpu_count() -> int:
@@ -116,7 +124,7 @@ def run_sweep(
 
     store = RunStore(opts.run_dir)
     outcome = SweepOutcome()
-    bars = hub = writer = None
+    bars = hub = writer = ray_record = None
 
     def fail(job: Job, error: str) -> None:
         try:
@@ -128,7 +136,8 @@ def run_sweep(
         outcome.failed.append({"model": job.model, "task": job.task, "error": error})
 
     try:
-        _print_dashboard(_start_ray(opts))
+        ctx, ray_record = _start_ray(opts)
+        _print_dashboard(ctx)
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
         gpu_mode = cluster_gpus > 0
         per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
@@ -239,6 +248,7 @@ def run_sweep(
         if writer is not None:
             _close_writer(writer, outcome)
         ray.shutdown()
+        ray_sessions.forget(ray_record)
     return outcome
 
 

@@ -40,9 +40,12 @@ def parse_sharegpt(entries: object, source: str) -> tuple[list[Prompt], int]:
     """Return (prompts, number of empty prompts skipped)."""
     if not isinstance(entries, list):
         raise DatasetError(f"{source}: expected a JSON list of conversations")
+    # Ids key the results. The first entry with an id keeps it; a repeat becomes
+    # "<id>#<n>" with the smallest n that no entry of the file has or got.
+    given = {str(e.get("id", i)) for i, e in enumerate(entries) if isinstance(e, dict)}
+    taken: set[str] = set()
     prompts: list[Prompt] = []
     skipped = 0
-    seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
         turns = entry.get("conversations") if isinstance(entry, dict) else None
         if not isinstance(turns, list):
@@ -58,11 +61,12 @@ def parse_sharegpt(entries: object, source: str) -> tuple[list[Prompt], int]:
             (text + pid).encode("utf-8")
         except UnicodeEncodeError:
             raise DatasetError(f"{source}: [{i}]: not valid Unicode (a lone surrogate escape)") from None
-        if pid in seen:  # keep ids unique, they key the results
-            seen[pid] += 1
-            pid = f"{pid}#{seen[pid]}"
-        else:
-            seen[pid] = 0
+        if pid in taken:
+            n = 1
+            while f"{pid}#{n}" in taken or f"{pid}#{n}" in given:
+                n += 1
+            pid = f"{pid}#{n}"
+        taken.add(pid)
         prompts.append(Prompt(pid, text))
     return prompts, skipped
 

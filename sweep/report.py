@@ -6,12 +6,15 @@ reads only the columns they need.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sweep.aggregate import KEYS, finish, gpu_short_name, job_figures, partials_of_table, worker_partials  # noqa: F401
+from sweep.aggregate import KEYS, finish, gpu_file_name, job_figures, partials_of_table, worker_partials  # noqa: F401
+from sweep.config import ConfigError
 from sweep.store import RunStore
 
 CSV_COLUMNS = ["model", "throughput", "response_length", "latency", "energy"]
@@ -23,9 +26,25 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     return finish(partials_of_table(pa.Table.from_pandas(rows, preserve_index=False)))
 
 
+IMPORTED_KEYS = ["model", "gpu", "task"]
+
+
 def read_imported(path: Path) -> pd.DataFrame:
-    """The aggregates of an imported run (aggregates.parquet)."""
-    agg = pd.read_parquet(path)
+    """The aggregates of an imported run (aggregates.parquet), as the run of the folder
+    they are in; a damaged file is set aside (the run then reads as empty)."""
+    try:
+        agg = pd.read_parquet(path)
+        missing = [c for c in IMPORTED_KEYS if c not in agg.columns]
+        problem = f"no {', '.join(missing)} column" if missing else None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        problem = f"not readable Parquet: {str(exc)[:120]}"
+    if problem:
+        RunStore(path.parent).set_aside(path, f"damaged imported aggregates ({problem})")
+        return pd.DataFrame(columns=KEYS)
+    agg = agg.assign(run_id=path.parent.name)
+    # An import from before non-finite values were refused: such a figure is not one.
+    numeric = agg.select_dtypes("number").columns
+    agg[numeric] = agg[numeric].where(np.isfinite(agg[numeric]))
     # Imported before the column existed: only the 2023 import writes this file.
     return agg if "backend" in agg else agg.assign(backend="fastchat")
 
@@ -35,7 +54,7 @@ def run_aggregates(store: RunStore) -> pd.DataFrame:
     imported = store.run_dir / AGGREGATES_FILE
     if imported.is_file():
         return read_imported(imported)
-    return store.scan_parts(lambda paths: job_figures(worker_partials(tuple(paths))[0]))
+    return store.scan_parts(lambda paths: job_figures(worker_partials(tuple(paths), store.run_dir.name)[0]))
 
 
 def run_status(store: RunStore) -> tuple[pd.DataFrame, list]:
@@ -52,10 +71,8 @@ def print_leaderboard(store: RunStore) -> None:
     agg = run_aggregates(store)
     status, expectations = run_status(store)
     agg = agg.merge(status, on=["model", "task"], how="left")
-    set_aside = store.set_aside_files()
-    if set_aside:
-        print(f"{len(set_aside)} damaged file(s) set aside in {store.quarantine_dir}: their rows are not "
-              f"counted here (a resume of the run measures them again)")
+    for what in store.set_aside_summary():
+        print(f"set aside in {store.quarantine_dir}: {what}")
     if agg.empty:
         print(f"{store.run_dir}: no results yet")
         return
@@ -88,7 +105,11 @@ def write_csvs(store: RunStore, out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for (gpu, task), g in run_aggregates(store).groupby(["gpu", "task"], sort=True):
-        path = out / f"{gpu}_{task}_benchmark.csv"
+        path = out / f"{gpu_file_name(gpu)}_{task}_benchmark.csv"
+        if path in written:  # two labels that differ only in characters a file name drops
+            path = out / f"{gpu_file_name(gpu)}-{hashlib.sha1(gpu.encode()).hexdigest()[:6]}_{task}_benchmark.csv"
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"command line: --csv: {path} exists and is not a file")
         g.sort_values("energy", na_position="last")[CSV_COLUMNS].to_csv(path, index=False)
         written.append(path)
     return written

@@ -51,8 +51,10 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
+import shutil
 import socket
 import sys
 import time
@@ -79,8 +81,8 @@ REPLACES_KEY = b"sweep:replaces"
 # <slug>-<time>-<hex>.parquet, or .merged.parquet; a slug ends with -<8 hex> (job_slug).
 _PART_NAME = re.compile(r"^(?P<slug>.+-[0-9a-f]{8})-\d{8}T\d{6}-[0-9a-f]{8}(?:\.merged)?\.parquet$")
 _TMP_NAME = re.compile(r"^\.(?P<final>.+)\.[0-9a-f]{32}\.tmp$")  # atomic_write's temporary files
-# A listing or read that raced a compaction is done again, at most this many times.
-SCAN_ATTEMPTS = 5
+# A listing or read that raced a compaction is done again until it holds, for at most this long.
+SCAN_DEADLINE_S = 60.0
 
 QUARANTINE = ".quarantine"
 DRIVER_LOCK = "driver.lock"  # job locks are <slug>.lock, and a slug always ends in -<hash>
@@ -109,6 +111,29 @@ class PartsChanged(Exception):
 # Merged file path -> names it replaces. Files are written once under a unique name, so
 # one read of the footer serves every later listing.
 _replaces_cache: dict[str, frozenset[str]] = {}
+
+
+# A file set aside is named <time>-<hex>-<where it was>: its folder and name, "~"-joined.
+_ORIGINS = (("part", lambda o: o.startswith("results~")), ("power", lambda o: o.startswith("power~")),
+            ("manifest", lambda o: o == "manifest.json"), ("prompts", lambda o: o == "prompts.parquet"),
+            ("failure", lambda o: o.startswith("failures~")), ("imported", lambda o: o == "aggregates.parquet"))
+_CONSEQUENCES = {
+    "part": "damaged part file{s}: their rows are not counted, and a resume measures them again",
+    "power": "damaged power file{s}: those power samples are not shown; energy figures are unaffected",
+    "manifest": "damaged manifest{s}: the run reads without one (its rows are shown, completeness is not "
+                "checked), and a resume is refused until a manifest is put back",
+    "prompts": "damaged prompts file{s}: prompt texts are not shown; a resume writes them again",
+    "failure": "damaged failure record{s}: not listed as failed",
+    "imported": "damaged imported aggregates: the run shows no figures until it is imported again",
+    "other": "damaged file{s}",
+}
+
+
+def _origin(path: Path, run_dir: Path) -> str:
+    try:
+        return "~".join(path.relative_to(run_dir).parts)
+    except ValueError:
+        return path.name
 
 
 class RunBusy(Exception):
@@ -155,6 +180,23 @@ def _fsync_dir(path: Path) -> None:
             raise
 
 
+def _not_finite(text: str) -> float:
+    raise ValueError(f"{text} is not a finite number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        _not_finite(text)
+    return value
+
+
+def strict_json(data: bytes) -> Any:
+    """JSON as sweep writes it: UTF-8, finite numbers only (no NaN, Infinity, or 1e999,
+    which Python reads as infinity and cannot write back). ValueError otherwise."""
+    return json.loads(data.decode("utf-8"), parse_constant=_not_finite, parse_float=_finite_float)
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     text = json.dumps(data, indent=2, default=str, allow_nan=False)  # strict JSON: no NaN or Infinity
     atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -193,11 +235,20 @@ class RunStore:
             warn(f"{path}: {what}; left out (a run without --dry-run moves it to {self.quarantine_dir})")
             return
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}-{path.name}"
+        dest = self.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}-{_origin(path, self.run_dir)}"
         try:
             os.replace(path, dest)
         except FileNotFoundError:  # another reader set it aside first
             return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # results/ (or power/) on another filesystem than the run folder: copy, then remove.
+            try:
+                shutil.copy2(path, dest)
+            except FileNotFoundError:
+                return
+            path.unlink(missing_ok=True)
         warn(f"{path}: {what}; moved to {dest}")
 
     def set_aside_files(self) -> list[Path]:
@@ -206,6 +257,15 @@ class RunStore:
             return []
         return sorted(p for p in self.quarantine_dir.iterdir() if p.is_file())
 
+    def set_aside_summary(self) -> list[str]:
+        """What the files set aside mean for the run, one phrase per kind of file."""
+        kinds: dict[str, int] = {}
+        for path in self.set_aside_files():
+            origin = path.name.split("-", 2)[-1]
+            kind = next((k for k, test in _ORIGINS if test(origin)), "other")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return [f"{n} {_CONSEQUENCES[k].format(s='' if n == 1 else 's')}" for k, n in kinds.items()]
+
     # -- manifest ---------------------------------------------------------------------
     def read_manifest(self) -> dict | None:
         """The manifest, or None when there is none or it is damaged (then set aside)."""
@@ -213,12 +273,14 @@ class RunStore:
             data = self.manifest_path.read_bytes()
         except FileNotFoundError:
             return None
+        from sweep.manifest import parse_manifest
+
         try:
-            manifest = json.loads(data.decode("utf-8"))
-        except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deeply
-            manifest = None
-        if not isinstance(manifest, dict):
-            self.set_aside(self.manifest_path, "damaged manifest (not a JSON object)")
+            manifest = strict_json(data)
+            parse_manifest(manifest)
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a field of the wrong type
+            self.set_aside(self.manifest_path, f"damaged manifest ({str(exc)[:160]}); the run reads as one without "
+                                               f"a manifest")
             return None
         return manifest
 
@@ -243,10 +305,14 @@ class RunStore:
         if not self.prompts_path.is_file():
             return empty
         try:
-            return pd.read_parquet(self.prompts_path)
-        except (pa.ArrowException, ValueError):
-            self.set_aside(self.prompts_path, "damaged prompts file (not readable Parquet)")
+            table = pq.read_table(self.prompts_path)
+            problem = _prompts_problem(table)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            problem = f"not readable Parquet: {str(exc)[:120]}"
+        if problem:
+            self.set_aside(self.prompts_path, f"damaged prompts file ({problem})")
             return empty
+        return table.select(["prompt_id", "prompt"]).to_pandas()
 
     # -- the dataset ------------------------------------------------------------------
     def _names(self, folder: Path | None = None) -> set[str]:
@@ -257,8 +323,9 @@ class RunStore:
         except FileNotFoundError:
             return set()
 
-    def _listing(self, names: set[str] | None = None) -> list[Path]:
-        paths = [self.results_dir / n for n in sorted(self._names() if names is None else names)]
+    def _listing(self, names: set[str] | None = None, folder: Path | None = None) -> list[Path]:
+        folder = folder or self.results_dir
+        paths = [folder / n for n in sorted(self._names(folder) if names is None else names)]
         return [p for p in paths if p not in self._damaged] if self._damaged else paths
 
     def _replaced(self, listed: list[Path], damaged: str = "damaged part file ({}), its rows count as not "
@@ -279,6 +346,13 @@ class RunStore:
                 except (pa.ArrowException, ValueError, TypeError) as exc:
                     self.set_aside(path, damaged.format(str(exc).split(": ", 1)[-1].split(". ")[0][:120]))
                     continue
+                own = part_job(path.name)
+                foreign = sorted(n for n in names if not isinstance(n, str) or own is None or part_job(n) != own)
+                if foreign:
+                    # Never hide or delete rows of another job on a file's word: the file is damage.
+                    self.set_aside(path, damaged.format(f"it names {len(foreign)} file(s) of another job as replaced, "
+                                                        f"e.g. {str(foreign[0])[:80]}"))
+                    continue
                 _replaces_cache[str(path)] = names
             replaced |= names
         return replaced
@@ -286,15 +360,19 @@ class RunStore:
     def part_files(self) -> list[Path]:
         """The files that hold the dataset's rows, each row in exactly one: the Parquet
         files of results/ less those a merged file there replaces."""
-        for _ in range(SCAN_ATTEMPTS):
-            names = self._names()
-            replaced = self._replaced(self._listing({n for n in names if n.endswith(MERGED_SUFFIX)}))
+        return self._visible(self.results_dir)
+
+    def _visible(self, folder: Path, damaged: str = "damaged part file ({}), its rows count as not stored") -> list[Path]:
+        """The files of `folder` less those a merged file there replaces."""
+        deadline = time.monotonic() + SCAN_DEADLINE_S
+        while True:
+            names = self._names(folder)
+            replaced = self._replaced(self._listing({n for n in names if n.endswith(MERGED_SUFFIX)}, folder), damaged)
             # A listing taken while a compaction renamed its merged file into place and
             # removed the files it replaces may hold neither; the merged file is then in a
             # second listing, and the first is taken again.
-            if not any(n.endswith(MERGED_SUFFIX) for n in self._names() - names):
-                break
-        return self._listing(names - replaced)
+            if not any(n.endswith(MERGED_SUFFIX) for n in self._names(folder) - names) or time.monotonic() > deadline:
+                return self._listing(names - replaced, folder)
 
     def read_parts(self, columns: list[str] | None = None, filter=None, files: list[Path] | None = None) -> pa.Table:
         """Rows of the dataset (or of `files`) in RESULT_SCHEMA."""
@@ -311,7 +389,8 @@ class RunStore:
         file that cannot be read is set aside, and the rest read again. A file gone before
         it was read (compacted, set aside by another reader) makes a read of the dataset
         list it again; one of `files` raises PartsChanged, for the caller to list again."""
-        for _ in range(SCAN_ATTEMPTS):
+        deadline = time.monotonic() + SCAN_DEADLINE_S
+        while True:
             paths = self._candidates(files)
             try:
                 return read(paths)
@@ -320,7 +399,8 @@ class RunStore:
                     raise  # not the files' content (EIO, permissions): the caller's to see
                 if files is not None and not all(p.exists() for p in paths):
                     raise PartsChanged(f"{self.results_dir}: part files changed while read") from None
-        return read(self._candidates(files))
+                if time.monotonic() > deadline:
+                    raise
 
     def _candidates(self, files: list[Path] | None) -> list[Path]:
         paths = self.part_files() if files is None else files
@@ -381,15 +461,9 @@ class RunStore:
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         return atomic_write(self.power_dir / name, lambda tmp: pq.write_table(samples, tmp))
 
-    def _power_listing(self) -> tuple[set[str], set[str]]:
-        """(names of the power files, names that a merged one among them replaces)."""
-        names = self._names(self.power_dir)
-        return names, self._replaced([self.power_dir / n for n in names], "damaged power timeline file ({})")
-
     def power_files(self) -> list[Path]:
         """The power timeline's files, less those a merged file replaces (as part_files)."""
-        names, replaced = self._power_listing()
-        return sorted(self.power_dir / n for n in names - replaced)
+        return self._visible(self.power_dir, "damaged power timeline file ({})")
 
     def read_power(self, filter=None, files: list[Path] | None = None) -> pa.Table:
         """The power timeline (POWER_SCHEMA), of `files` or of the whole run; a damaged
@@ -406,58 +480,54 @@ class RunStore:
                 self.set_aside(path, "damaged power timeline file")
         return pa.concat_tables(tables).replace_schema_metadata(None) if tables else POWER_SCHEMA.empty_table()
 
-    def compact_power(self, slug: str) -> None:
-        """A job's power files into one, as `compact` does for its rows: the merged file
-        names every file of the job it covers (leftovers of a cut-short merge included),
-        and is durable before they go."""
-        names, replaced = self._power_listing()
-        mine = sorted(n for n in names if part_job(n) == slug)
-        visible = [n for n in mine if n not in replaced]
-        gone = [n for n in mine if n in replaced]
-        if len(visible) > 1:
-            table = pa.concat_tables(pq.read_table(self.power_dir / n) for n in visible)
-            table = table.replace_schema_metadata({REPLACES_KEY: json.dumps(visible + gone).encode()})
-            name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{MERGED_SUFFIX}"
-            atomic_write(self.power_dir / name, lambda tmp: pq.write_table(table, tmp))
-            gone += visible
-        for n in gone:
-            (self.power_dir / n).unlink(missing_ok=True)
-        if gone:
-            _fsync_dir(self.power_dir)
+    def compact_power(self, slug: str) -> int:
+        """A job's power files into one, as `compact` does for its rows (`_merge`)."""
+        return self._merge(self.power_dir, slug, lambda files: self.read_power(files=files),
+                           "damaged power timeline file ({})")
 
     def compact(self, slug: str) -> int:
-        """Merge job `slug`'s part files into one and remove them; returns how many files
-        were removed. The caller holds the job's lock (no rows are added meanwhile). The
-        merged file is durable before any file goes; if writing it fails (a full disk),
-        the part files stay as they were. Files that sweep did not name are left alone."""
-        listed = self._listing()
-        replaced = self._replaced(listed)
-        mine = [p for p in listed if part_job(p.name) == slug and p not in self._damaged]
+        """Merge job `slug`'s part files into one and remove them, then its power files;
+        returns how many part files were removed. The caller holds the job's lock (no rows
+        are added meanwhile). If writing the merged file fails (a full disk), the part
+        files stay as they were. Files that sweep did not name are left alone."""
+        removed = self._merge(self.results_dir, slug, lambda files: self.scan_parts(lambda paths: pa.concat_tables(
+            [pq.read_table(p, schema=RESULT_SCHEMA) for p in paths]), files=files))
+        self.compact_power(slug)
+        return removed
+
+    def _merge(self, folder: Path, slug: str, read: Callable[[list[Path]], pa.Table],
+               damaged: str = "damaged part file ({}), its rows count as not stored") -> int:
+        """The one merge of a job's files in `folder` (results/ or power/): `read(files)`
+        of the files still visible, oldest first, into one merged file that names every
+        file of the job it covers (leftovers of a merge cut short included, so that none
+        of them reappears whichever goes first), durable before any of them is removed;
+        then the temporary files a crash left of this job's writes. Returns how many files
+        were removed."""
+        listed = self._listing(folder=folder)
+        replaced = self._replaced(listed, damaged)
+        mine = [p for p in listed if part_job(p.name) == slug and p not in self._damaged and p.exists()]
         visible = [p for p in mine if p.name not in replaced]
         gone = [p for p in mine if p.name in replaced]  # left by a compaction that stopped before removing them
         if len(visible) > 1:
             # Oldest file first, so rows keep the order in which they were written (names
             # made within one second sort by their random part).
             visible.sort(key=lambda p: (p.stat().st_mtime_ns, p.name))
-            table = self.scan_parts(lambda paths: pa.concat_tables(
-                [pq.read_table(p, schema=RESULT_SCHEMA) for p in paths]), files=visible)
-            # Every file of the job it covers, so that none of them reappears whichever goes first.
+            table = read(visible)
             names = sorted(p.name for p in visible + gone)
             table = table.replace_schema_metadata({REPLACES_KEY: json.dumps(names).encode()})
             name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}{MERGED_SUFFIX}"
-            atomic_write(self.results_dir / name, lambda tmp: pq.write_table(table, tmp))
+            atomic_write(folder / name, lambda tmp: pq.write_table(table, tmp))
             gone += visible
         for path in gone:
             path.unlink(missing_ok=True)
         if gone:
-            _fsync_dir(self.results_dir)
+            _fsync_dir(folder)
         # Temporary files of this job's writes that a crash cut short (no reader lists
         # them; nobody else writes this job while its lock is held).
-        for path in self.results_dir.glob(".*.tmp"):
+        for path in folder.glob(".*.tmp"):
             m = _TMP_NAME.match(path.name)
             if m and part_job(m["final"]) == slug:
                 path.unlink(missing_ok=True)
-        self.compact_power(slug)
         return len(gone)
 
     def compact_run(self, skip: set[str] = frozenset()) -> tuple[int, int, list[str]]:
@@ -573,6 +643,23 @@ class RunStore:
             else:
                 self.set_aside(path, "damaged failure record (not a JSON object with model, task, error)")
         return out
+
+
+def _prompts_problem(table: pa.Table) -> str | None:
+    """What is wrong with a prompts.parquet table, or None: string columns prompt_id and
+    prompt, ids present and unique."""
+    for name in ("prompt_id", "prompt"):
+        if name not in table.column_names:
+            return f"no {name} column"
+        if not pa.types.is_string(table.schema.field(name).type) and not pa.types.is_large_string(
+                table.schema.field(name).type):
+            return f"{name} is {table.schema.field(name).type}, not text"
+    ids = table["prompt_id"]
+    if ids.null_count:
+        return f"{ids.null_count} prompt id(s) missing"
+    if len(ids.unique()) != len(ids):
+        return "a prompt id appears twice"
+    return None
 
 
 def read_wal(path: Path) -> tuple[list[dict], int]:

@@ -45,13 +45,14 @@ class Expectation:
 
 @dataclass
 class RunFacts:
-    planned_jobs: list[tuple[str, str]] | None  # (model, task) of the manifest's plan; None: unreadable
+    planned_jobs: list[tuple[str, str]] | None  # (model, task) of the manifest's plan; None: no plan (plan_note)
     planned_prompts: set[str]
     stored: pd.DataFrame  # per (model, task): rows, distinct_planned, unplanned
     jobs: pd.DataFrame  # figures per KEYS (sweep.aggregate)
     workers: pd.DataFrame  # figures per KEYS + WORKER_KEYS
     failures: list[dict] = field(default_factory=list)
     max_temperature_c: dict[str, float] = field(default_factory=dict)  # "host gpu N" -> highest reading
+    plan_note: str | None = None  # why there is no plan
 
 
 def _job_name(model: str, task: str) -> str:
@@ -62,8 +63,8 @@ def _job_name(model: str, task: str) -> str:
 def check_complete(f: RunFacts) -> list[Expectation]:
     """Every planned (model, task, prompt) is stored."""
     if f.planned_jobs is None:
-        return [Expectation("complete", False, WARNING, "the manifest's models or tasks cannot be read by this "
-                            "version of sweep: completeness not checked")]
+        return [Expectation("complete", False, WARNING, f"{f.plan_note}: completeness not checked "
+                            f"(--strict makes this an error)")]
     stored = f.stored.set_index(["model", "task"]) if len(f.stored) else None
     out = []
     for model, task in f.planned_jobs:
@@ -204,26 +205,28 @@ def run_checks(facts: RunFacts) -> list[Expectation]:
 
 
 # -- reading a run -------------------------------------------------------------------
-def _planned_jobs(manifest: dict | None) -> list[tuple[str, str]] | None:
-    """(model, task) of the run's plan: the manifest's models x tasks, limited to the tasks
-    its sessions asked for (`--task`); None when the manifest cannot be read as a plan."""
+def _planned_jobs(manifest: dict | None) -> tuple[list[tuple[str, str]] | None, str | None]:
+    """((model, task) of the run's plan: the manifest's models x tasks, limited to the tasks
+    its sessions asked for (`--task`), None), or (None, why) when there is no plan to read."""
     from pydantic import ValidationError
 
     from sweep.config import ModelsFile, TasksFile
     from sweep.plan import make_plan
 
-    if not manifest or "models" not in manifest or "tasks" not in manifest:
-        return []
+    if not manifest:
+        return None, "the run has no manifest (missing, or set aside as damaged)"
+    if "models" not in manifest or "tasks" not in manifest:
+        return None, "the manifest names no models or tasks"
     try:
         models = ModelsFile.model_validate({"models": manifest["models"]})
         tasks = TasksFile.model_validate(manifest["tasks"])
     except (ValidationError, TypeError):  # written by another version of sweep
-        return None
+        return None, "the manifest's models or tasks cannot be read by this version of sweep"
     sessions = [s for s in manifest.get("sessions", []) if isinstance(s, dict)]
     if sessions and all(isinstance(s.get("tasks"), list) for s in sessions):
         asked = {t for s in sessions for t in s["tasks"]}
-        return [(j.model, j.task) for j in make_plan(models, tasks) if j.task in asked]
-    return [(j.model, j.task) for j in make_plan(models, tasks)]
+        return [(j.model, j.task) for j in make_plan(models, tasks) if j.task in asked], None
+    return [(j.model, j.task) for j in make_plan(models, tasks)], None
 
 
 def stored_counts(ids: pa.Table, planned_prompts: set[str]) -> pd.DataFrame:
@@ -266,14 +269,15 @@ def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, sto
           failures: list[dict], max_temperature_c: dict[str, float], jobs: pd.DataFrame | None = None) -> RunFacts:
     """RunFacts from what a reader already has: partials by worker (sweep.aggregate),
     `stored_counts` of the row ids, and the job figures when it made them already."""
-    return RunFacts(_planned_jobs(manifest), planned_prompts, stored, job_figures(parts) if jobs is None else jobs,
-                    finish(parts, WORKER_KEYS), failures, max_temperature_c)
+    planned, why = _planned_jobs(manifest)
+    return RunFacts(planned, planned_prompts, stored, job_figures(parts) if jobs is None else jobs,
+                    finish(parts, WORKER_KEYS), failures, max_temperature_c, why)
 
 
 def collect(store: RunStore) -> RunFacts:
     """What the checks need, read from the run directory (the columns they use only)."""
     planned_prompts = set(store.read_prompts()["prompt_id"])
-    parts, ids = store.scan_parts(lambda paths: worker_partials(tuple(paths)))
+    parts, ids = store.scan_parts(lambda paths: worker_partials(tuple(paths), store.run_dir.name))
     return facts(store.read_manifest(), planned_prompts, parts, stored_counts(ids, planned_prompts), store.failures(),
                  temperatures(store))
 
@@ -301,7 +305,12 @@ def as_records(expectations: list[Expectation]) -> list[dict]:
     return [asdict(e) for e in expectations]
 
 
-def print_table(expectations: list[Expectation]) -> None:
+def failed_run(expectations: list[Expectation], strict: bool = False) -> bool:
+    """Whether a run fails validation: an error-level check failed (any check, `strict`)."""
+    return any(not e.passed and (strict or e.severity == ERROR) for e in expectations)
+
+
+def print_table(expectations: list[Expectation], strict: bool = False) -> None:
     """Failures in full, then a line per check with how many passed."""
     failed = [e for e in expectations if not e.passed]
     for e in sorted(failed, key=lambda e: (e.severity != ERROR, e.check)):
@@ -315,5 +324,6 @@ def print_table(expectations: list[Expectation]) -> None:
         mark = "ok" if ok == len(es) else next(e.severity for e in es if not e.passed)
         print(f"{mark:8} {name:18} {ok}/{len(es)} passed")
     errors = sum(1 for e in failed if e.severity == ERROR)
-    print(f"\n{'FAILED' if errors else 'PASSED'}: {errors} error(s), {len(failed) - errors} warning(s)")
+    verdict = "FAILED" if failed_run(expectations, strict) else "PASSED"
+    print(f"\n{verdict}: {errors} error(s), {len(failed) - errors} warning(s)" + (" (--strict: warnings fail)" if strict else ""))
 

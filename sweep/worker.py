@@ -15,7 +15,7 @@ import socket
 import time
 import traceback
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from sweep.config import ModelSpec, TasksFile
 from sweep.meters.timeline import PowerTimeline
@@ -77,6 +77,10 @@ def _cause(exc: BaseException) -> BaseException:
     return exc
 
 
+class WriterGone(Exception):
+    """The session's writer actor died: no row can be stored until a rerun."""
+
+
 class RemoteJob:
     """One job opened at the session's writer. A row is handed over without waiting: the
     writer's acknowledgement (the row is in the job's write-ahead log, fsync'ed) is
@@ -85,12 +89,14 @@ class RemoteJob:
     resume runs both again (a row is stored once or not at all). The wait, a Ray round
     trip and an fsync, overlaps the next request instead of adding to it."""
 
-    def __init__(self, writer: Any, model: str, task: str) -> None:
+    def __init__(self, writer: Any, model: str, task: str, on_stored: Callable[[], None] = lambda: None) -> None:
+        """`on_stored()` is called once per row, when the writer has acknowledged it: what
+        the progress counts is what is stored, never what was only sent."""
         import ray
 
-        self._ray, self.writer, self.model, self.task = ray, writer, model, task
+        self._ray, self.writer, self.model, self.task, self._on_stored = ray, writer, model, task, on_stored
         deadline = time.monotonic() + OPEN_TIMEOUT_S
-        while (opened := ray.get(writer.open_job.remote(model, task))) is None:
+        while (opened := self._get(writer.open_job.remote(model, task))) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {model} / {task} is held by another process")
             time.sleep(OPEN_RETRY_S)
@@ -98,11 +104,21 @@ class RemoteJob:
         self.done = set(done)
         self._in_flight = None  # the last row's acknowledgement, not yet awaited
 
+    def _get(self, ref):
+        """ray.get of a call to the writer; a dead writer is named as such."""
+        try:
+            return self._ray.get(ref)
+        except self._ray.exceptions.RayActorError as exc:
+            raise WriterGone(f"the run's writer (the actor that owns the run folder on the driver's node) died "
+                             f"({type(exc).__name__}); rerun with the same --run-id to complete the job: every row "
+                             f"it acknowledged is stored") from None
+
     def _settle(self) -> None:
         """Wait for the row in flight to be durable (raises what storing it raised)."""
         pending, self._in_flight = self._in_flight, None
         if pending is not None:
-            self._ray.get(pending)
+            self._get(pending)
+            self._on_stored()
 
     def append(self, row: dict) -> None:
         self._settle()
@@ -110,13 +126,21 @@ class RemoteJob:
 
     def append_power(self, samples) -> None:
         # The writer runs one worker's calls in the order sent: these follow the rows before them.
-        self._ray.get(self.writer.append_power.remote(self.model, self.task, self.token, samples))
+        self._get(self.writer.append_power.remote(self.model, self.task, self.token, samples))
 
     def close(self) -> None:
+        """Settle the last row, then close the job at the writer (also when the row failed,
+        e.g. a full disk: that error is raised after)."""
+        failed = None
         try:
             self._settle()
-        finally:
-            self._ray.get(self.writer.close_job.remote(self.model, self.task, self.token))
+        except WriterGone:
+            raise  # nothing left to close
+        except Exception as exc:
+            failed = exc
+        self._get(self.writer.close_job.remote(self.model, self.task, self.token))
+        if failed is not None:
+            raise failed
 
 
 class Worker:
@@ -162,7 +186,7 @@ class Worker:
         system_prompt = next(t.system_prompt for t in self.tasks.tasks if t.name == task_name)
         phase = "load"
         try:
-            job = RemoteJob(self.writer, model, task_name)
+            job = RemoteJob(self.writer, model, task_name, on_stored=lambda: self.hub.advance.remote(model, task_name))
             try:
                 todo = [p for p in prompts if p.prompt_id not in job.done]
                 self.hub.start.remote(model, task_name, len(prompts) - len(todo), len(prompts))
@@ -187,9 +211,8 @@ class Worker:
 
     def serve(self, writer, task: str, system_prompt: str, prompt: Prompt) -> None:
         """One request as a sweep serves it: measured, stored durably (`writer`: a
-        RemoteJob, or a store's JobWriter), counted."""
+        RemoteJob, which counts it once stored, or a store's JobWriter)."""
         writer.append(self._measure(task, system_prompt, prompt))
-        self.hub.advance.remote(self.spec.name, task)
         if time.monotonic() - self._power_written_at >= POWER_WRITE_S:
             try:
                 self._write_power(writer, task)

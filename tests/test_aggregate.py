@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
-from sweep.aggregate import BACKEND_WHEN_ABSENT, KEYS, finish, gpu_short_name, partials, results_dataset
+from sweep.aggregate import BACKEND_WHEN_ABSENT, KEYS, finish, gpu_label, partials, results_dataset
 from sweep.quality import ENERGY_FLAGS
 from sweep.record import RESULT_SCHEMA
 from sweep.report import run_aggregates
@@ -19,7 +19,7 @@ from tests.helpers import make_run, synthetic_rows
 
 def pandas_aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """The figures, row by row in pandas: the reference the scanner must match."""
-    df = df.assign(gpu=df["gpu_name"].map(gpu_short_name))
+    df = df.assign(gpu=df["gpu_name"].map(gpu_label))
     out = []
     for key, g in df.groupby(KEYS, sort=True):
         m = g[g["energy_j"].notna()]
@@ -71,7 +71,7 @@ def test_same_figures_as_pandas(tmp_path):
     store = make_run(tmp_path, "r", _jobs(random.Random(0)))
     got = run_aggregates(store)
     want = pandas_aggregate(store.read_results())
-    assert len(got) == len(want) == 2 * 2 * 2 * 2 + 2  # models, GPUs (H100 names combine), backends, tasks
+    assert len(got) == len(want) == 2 * 3 * 2 * 2 + 2  # models, GPUs (each board its own), backends, tasks
     assert list(got.columns) == list(want.columns)
     pd.testing.assert_frame_equal(got, want, check_dtype=False, rtol=1e-9)
     one = got[got["model"] == "d-1b"].iloc[0]

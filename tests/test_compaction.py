@@ -201,6 +201,23 @@ def test_a_read_that_races_a_compaction_lists_again(tmp_path):
     assert Counter(zip(table["model"].to_pylist(), table["task"].to_pylist(), table["prompt_id"].to_pylist())) == want
 
 
+def test_a_read_keeps_listing_again_while_compactions_keep_racing_it(tmp_path):
+    """However many compactions race a read, it lists again until one read holds (bounded
+    in time, not in tries)."""
+    store = _three_jobs(tmp_path)
+    calls = []
+
+    def read(paths):
+        calls.append(paths)
+        if len(calls) <= 12:  # each time: a new part file of the job, and the job compacted
+            store.write_part(_rows("a", 1, start=100 + len(calls)), job_slug("a", "chat"))
+            store.compact(job_slug("a", "chat"))
+        return pa.concat_tables([pq.read_table(p, columns=["model", "task", "prompt_id"]) for p in paths])
+
+    table = RunStore(store.run_dir).scan_parts(read)
+    assert len(calls) == 13 and table.num_rows == 18 + 12
+
+
 def test_a_listing_torn_by_a_compaction_is_taken_again(tmp_path, monkeypatch):
     """readdir during a rename and unlinks may return neither the merged file nor the
     files it replaced; part_files notices and lists again."""
@@ -210,10 +227,10 @@ def test_a_listing_torn_by_a_compaction_is_taken_again(tmp_path, monkeypatch):
     real = RunStore._names
     torn = [True]
 
-    def names(self):
+    def names(self, folder=None):
         if torn and torn.pop():
-            return {n for n in real(self) if part_job(n) != job_slug("a", "chat")}
-        return real(self)
+            return {n for n in real(self, folder) if part_job(n) != job_slug("a", "chat")}
+        return real(self, folder)
 
     monkeypatch.setattr(RunStore, "_names", names)
     assert [p.name for p in store.part_files() if part_job(p.name) == job_slug("a", "chat")] == _job_files(store, "a")

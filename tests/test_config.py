@@ -44,6 +44,10 @@ def test_shipped_configs_are_valid():
         ({"models": [{"name": "a", "path": "x", "resources": {"GPU": 1}}]}, "resource 'GPU' is set by sweep itself (use gpus: for GPUs)"),
         ({"models": [{"name": "a", "path": "x", "resources": {"node b": 1}}]}, "resource name 'node b': use letters"),
         ({"models": [{"name": "a", "path": "x", "resources": ["node_b"]}]}, "models[0].resources: Input should be a valid dictionary"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"node_b": 0.12345}}]}, "resource 'node_b': at most 4 decimals"),
+        ({"models": [{"name": "a", "path": "x", "resources": {"node_b": 1.00001}}]}, "at most 4 decimals"),
+        ({"models": [{"name": "ab\u202egpt", "path": "x"}]}, "models[0].name: must not contain invisible format characters (U+202E"),
+        ({"models": [{"name": "a\u200bb", "path": "x"}]}, "invisible format characters (U+200B ZERO WIDTH SPACE)"),
     ],
 )
 def test_bad_models_file(tmp_path, models, expected):

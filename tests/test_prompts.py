@@ -28,6 +28,19 @@ def test_first_human_turn_and_empty_skipped():
     assert skipped == 2
 
 
+@pytest.mark.parametrize("ids", [["a", "a", "a#1"], ["a#1", "a", "a"], ["a", "a", "a", "a#2", "a#1"],
+                                 [1, "1", "1#1", 1]])
+def test_repeated_ids_are_renamed_to_ids_no_entry_has(ids):
+    entries = [{"id": i, "conversations": [{"from": "human", "value": f"text {n}"}]} for n, i in enumerate(ids)]
+    prompts, _ = parse_sharegpt(entries, "x")
+    got = [p.prompt_id for p in prompts]
+    assert len(set(got)) == len(ids)
+    # an id the file itself gives is never taken by a renamed repeat: its own entry keeps it
+    for n, i in enumerate(ids):
+        if str(i) not in map(str, ids[:n]):
+            assert got[n] == str(i)
+
+
 def test_not_sharegpt_names_the_entry():
     with pytest.raises(DatasetError, match=r"f.json: \[1\].conversations"):
         parse_sharegpt([{"conversations": []}, {"id": "x"}], "f.json")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from sweep.mlenergy_import import import_mlenergy
-from sweep.report import aggregate, gpu_short_name, run_aggregates
+from sweep.report import aggregate, run_aggregates, write_csvs
 from sweep.store import RunStore
 from tests.helpers import MLENERGY, make_run, run_sweep_cli, synthetic_rows
 
@@ -42,10 +42,29 @@ def test_aggregate_groups_by_gpu_and_model(tmp_path):
     assert agg.loc[("H200", "b"), "energy"] == 2.0
 
 
-def test_gpu_short_names():
-    assert gpu_short_name("NVIDIA H200") == "H200"
-    assert gpu_short_name("NVIDIA H100 80GB HBM3") == "H100"
-    assert gpu_short_name("CPU") == "CPU"
+def test_different_boards_of_one_gpu_family_are_ranked_apart(tmp_path):
+    """H100 PCIe, SXM and NVL are different devices: a 100 J row of one and a 300 J row of
+    another are two figures, never one 200 J 'H100'; the CSV export names each."""
+    boards = {"NVIDIA H100 PCIe": 100.0, "NVIDIA H100 80GB HBM3": 300.0, "NVIDIA H100 NVL": 200.0,
+              "NVIDIA GeForce RTX 4090": 50.0, "NVIDIA GeForce RTX 3090": 60.0, "Tesla V100-SXM2-16GB": 70.0,
+              "Tesla T4": 80.0}
+    store = make_run(tmp_path, "r", [synthetic_rows("r", "m", "chat", [e, e], [10, 10], gpu_name=name)
+                                     for name, e in boards.items()])
+    agg = run_aggregates(store).set_index("gpu")["energy"]
+    assert agg.to_dict() == {"H100 PCIe": 100.0, "H100 80GB HBM3": 300.0, "H100 NVL": 200.0,
+                             "GeForce RTX 4090": 50.0, "GeForce RTX 3090": 60.0, "Tesla V100-SXM2-16GB": 70.0,
+                             "Tesla T4": 80.0}
+    names = sorted(p.name for p in write_csvs(store, tmp_path / "csv"))
+    assert len(names) == len(boards) and "H100-80GB-HBM3_chat_benchmark.csv" in names
+    assert all(n.count("_") == 2 for n in names)  # {GPU}_{task}_benchmark.csv, as the 2023 files
+
+
+def test_csv_export_onto_a_folder_in_the_way_is_one_line(tmp_path):
+    from sweep.cli import main
+
+    store = make_run(tmp_path, "r", [synthetic_rows("r", "m", "chat", [1.0], [1])])
+    (tmp_path / "csv" / "H200_chat_benchmark.csv").mkdir(parents=True)
+    assert main(["report", str(store.run_dir), "--csv", str(tmp_path / "csv")]) == 2
 
 
 @pytest.mark.skipif(not MLENERGY.is_dir(), reason="../shared/data is absent")

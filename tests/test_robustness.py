@@ -76,7 +76,7 @@ def test_damaged_part_files_are_set_aside_and_measured_again(hostile_run):
     assert len(df) == 12 and not df.duplicated(["model", "task", "prompt_id"]).any()
     assert len(list((run_dir / ".quarantine").iterdir())) == 2
     report = run_sweep_cli("report", run_dir)
-    assert report.returncode == 0 and "2 damaged file(s) set aside" in report.stdout
+    assert report.returncode == 0 and "2 damaged part files: their rows are not counted" in report.stdout
 
 
 def test_sigterm_stops_like_ctrl_c_and_a_second_driver_is_refused(tmp_path):

@@ -42,12 +42,14 @@ def test_every_reader_sets_a_damaged_file_aside_once(tmp_path, capsys):
     assert {p.name for p in parts[:3]} == {line.split(": ")[1].rsplit("/", 1)[1] for line in err}
     assert len(store.set_aside_files()) == 3 and not any(p.exists() for p in parts[:3])
     assert len(pd.read_parquet(store.results_dir)) == 2  # pandas reads the folder again
-    assert "3 damaged file(s) set aside" in set_aside_note(folder.set_aside())
+    assert "3 damaged part files: their rows are not counted" in set_aside_note(folder.set_aside())
     # a garbage manifest: the UI keeps the run, the file is set aside
     store.manifest_path.write_bytes(b"\xff{not json")
     assert folder.manifest("r") == {} and [d.name for d in folder.run_dirs()] == ["r"]
     assert len(store.set_aside_files()) == 4
     assert len(folder.rows("r", "d", "chat")) == 2
+    # and the page says what that means: rows shown, a resume refused
+    assert "1 damaged manifest: the run reads without one (its rows are shown" in set_aside_note(folder.set_aside())
     # a damaged failure record does not stop the report either
     store.failures_dir.joinpath("x.json").write_text("[1, 2")
     assert store.failures() == [] and len(store.set_aside_files()) == 5

@@ -70,7 +70,7 @@ def test_the_page_says_a_damaged_file_was_set_aside(ui_client):
     client, store = ui_client
     store.write_part(synthetic_rows("demo", "beta", "chat", [1.0], [1]), "beta__chat-1").write_bytes(b"")
     status, _ = _refresh(client, ["demo"], ["H200"], "chat", ["transformers"])
-    assert "1 damaged file(s) set aside" in status, status
+    assert "1 damaged part file: their rows are not counted" in status, status
 
 
 def test_an_empty_runs_folder_says_how_to_make_a_run(tmp_path):

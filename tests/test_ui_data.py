@@ -87,3 +87,39 @@ def test_older_part_file_opens_in_the_ui(tmp_path):
     assert agg.loc["chat", "backend"] == "unknown" and agg.loc["chat", "energy"] == 15.0
     rows = folder.rows("old", "m", "chat")
     assert len(rows) == 2 and rows["template"].isna().all()
+
+
+def test_rows_cannot_steer_the_ui_outside_the_runs_folder(tmp_path):
+    """A part file whose rows name run_id "../victim" changes nothing outside --runs: runs
+    are keyed by their folder, and only folders under --runs are opened."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "manifest.json").write_text("not json")
+    (victim / "prompts.parquet").write_text("not parquet")
+    runs = tmp_path / "runs"
+    make_run(runs, "r", [synthetic_rows("../victim", "a", "chat", [1.0, 3.0], [1, 1])])
+    folder = RunsFolder(runs)
+    agg = folder.aggregates()
+    assert agg["run_id"].tolist() == ["r"]
+    for run_id in ("../victim", "..", "/etc", "r/../../victim", ""):
+        assert folder.manifest(run_id) == {} and folder.prompts(run_id).empty
+        assert folder.rows(run_id, "a", "chat") is None and folder.jobs(run_id) is None
+        assert folder.power(run_id, "a", "chat", pd.Timestamp(0, tz="UTC"), pd.Timestamp.now(tz="UTC")).empty
+    assert (victim / "manifest.json").read_text() == "not json" and not (victim / ".quarantine").exists()
+    assert (victim / "prompts.parquet").read_text() == "not parquet"
+
+
+def test_a_copied_or_renamed_run_folder_is_one_run_per_folder(tmp_path):
+    import shutil
+
+    store = make_run(tmp_path, "r", [synthetic_rows("r", "a", "chat", [1.0, 3.0], [1, 1])])
+    shutil.copytree(store.run_dir, tmp_path / "r-copy")
+    # a resumed renamed folder holds rows written under both names
+    store2 = make_run(tmp_path, "new", [synthetic_rows("old", "a", "chat", [1.0, 3.0], [1, 1])])
+    store2.write_part([dict(r, run_id="new", prompt_id=f"q{i}") for i, r in
+                       enumerate(synthetic_rows("new", "a", "chat", [5.0], [1]))], job_slug("a", "chat"))
+    agg = RunsFolder(tmp_path).aggregates()
+    assert sorted(agg["run_id"]) == ["new", "r", "r-copy"]
+    assert agg.set_index("run_id").loc["new", "responses"] == 3
+    report = run_aggregates(store2)
+    assert report["run_id"].tolist() == ["new"] and report["responses"].tolist() == [3]

@@ -298,11 +298,12 @@ def test_plan_follows_the_sessions_tasks_and_an_unreadable_one_is_said(tmp_path)
 
     manifest = {"models": [{"name": "m", "path": "random:llama-tiny"}], "tasks": TASKS,
                 "sessions": [{"tasks": ["chat"]}, {"tasks": ["instruct"]}]}
-    assert _planned_jobs(manifest) == [("m", "chat"), ("m", "instruct")]
+    assert _planned_jobs(manifest) == ([("m", "chat"), ("m", "instruct")], None)
     manifest["sessions"].append({"argv": []})  # a session from before sessions recorded their tasks: all of them
-    assert len(_planned_jobs(manifest)) == len(TASKS["tasks"])
-    assert _planned_jobs(dict(manifest, models=[{"name": "m", "path": "random:llama-tiny", "gpus": 0}])) is None
-    facts = replace(_facts(tmp_path, [_rows()]), planned_jobs=None)
+    assert len(_planned_jobs(manifest)[0]) == len(TASKS["tasks"])
+    planned, why = _planned_jobs(dict(manifest, models=[{"name": "m", "path": "random:llama-tiny", "gpus": 0}]))
+    assert planned is None and "cannot be read" in why
+    facts = replace(_facts(tmp_path, [_rows()]), planned_jobs=None, plan_note=why)
     [e] = [e for e in run_checks(facts) if e.check == "complete"]
     assert not e.passed and e.severity == WARNING and "cannot be read" in e.message
 

@@ -2,6 +2,7 @@
 
 import errno
 import fcntl
+import os
 import statistics
 import time
 
@@ -197,3 +198,44 @@ def test_a_remote_job_keeps_one_row_in_flight_and_raises_its_failure_later(tmp_p
     handed, disk_full = ray.get(appends_until_error.remote(last, rows))
     assert handed == ids and disk_full  # the last row's failure raised at close
     assert ray.get(last.was_closed.remote())  # and the job was still released
+
+
+def test_a_row_counts_when_the_writer_acknowledged_it_and_a_dead_writer_is_named(tmp_path, ray_local):
+    """The writer dies while it stores a row: the rows counted are those it acknowledged
+    (the row it died on is not), and the error names the writer and says a rerun completes."""
+    from sweep.worker import RemoteJob, WriterGone
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class DiesOn:
+        def __init__(self, prompt_id):
+            self.prompt_id, self.stored = prompt_id, []
+
+        def open_job(self, model, task):
+            return 1, []
+
+        def append(self, model, task, token, row):
+            if row["prompt_id"] == self.prompt_id:
+                os._exit(1)
+            self.stored.append(row["prompt_id"])
+
+        def close_job(self, model, task, token):
+            pass
+
+    @ray.remote(num_cpus=0)
+    def serve(writer, rows):
+        counted = []
+        job = RemoteJob(writer, "m", "chat", on_stored=lambda: counted.append(1))
+        try:
+            for row in rows:
+                job.append(row)
+            job.close()
+        except WriterGone as exc:
+            return len(counted), str(exc)
+        return len(counted), None
+
+    rows = synthetic_rows("r", "m", "chat", [1.0] * 6, [5] * 6)
+    counted, error = ray.get(serve.remote(DiesOn.remote("p3"), rows))
+    assert counted == 3  # p0, p1, p2: what the writer acknowledged
+    assert error is not None and "writer" in error and "rerun with the same --run-id" in error

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
-from gradio.components.plot import PlotData
 
-from ui import charts, views
+from ui import charts, detail, views
 from ui.data import DISPLAY, RunsFolder, verbosity
 from ui.formula import FormulaError, evaluate
 from ui.views import (
@@ -31,6 +30,7 @@ from ui.views import (
     display_table,
     energy_notice,
     filter_aggregates,
+    limit_maxima,
     format_params,
     live_status,
     missing_note,
@@ -53,8 +53,7 @@ SKIP = gr.skip
 CSS = "#leaderboard td, #limits-table td, #verbosity td { overflow-wrap: anywhere; }"
 
 
-def _plot(spec: dict | None):
-    return None if spec is None else PlotData(type="altair", plot=charts.to_json(spec))
+_plot = detail.plot_data
 
 
 def _note(spec: dict | None, note: str) -> str:
@@ -160,9 +159,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         agg = folder.aggregates()
         df = filter_aggregates(agg, runs or [], agg["gpu"].dropna().unique().tolist(), task)
         per_token = kind != "latency (s)"
-        t = (1000 * df["latency"] / df["response_length"]) if per_token else df["latency"]
-        dmax = round(float(t.max()) * 1.05, 3) if t.notna().any() else 1.05
-        bmax = round(float(df["energy"].max()) * 1.05, 1) if df["energy"].notna().any() else None
+        dmax, bmax = limit_maxima(df, per_token)
         dval, bval = dmax, bmax
         if kept is not None and kept[2] is not None:
             d_old, b_old, (dmax_old, bmax_old) = kept
@@ -201,38 +198,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         return table, note
 
     def model_detail(run_id, model, task):
-        """Summary, energy and length distributions, and sample responses of one
-        (run, model, task), and the power timeline of its first requests: one value per
-        component of `detail_out`, in that order."""
-        sub = folder.rows(run_id, model, task) if run_id and model and task else None
-        if sub is None:
-            return "Pick a run with per-request rows, a model and a task.", None, "", None, None, None, ""
-        if sub.empty:
-            return f"No responses of {model} on {task} in {run_id}.", None, "", None, None, None, ""
-        prompts = folder.prompts(run_id)
-        samples = sub.merge(prompts, on="prompt_id", how="left").sort_values("prompt_id").head(20)
-        samples = samples[["prompt_id", "prompt", "response", "response_tokens", "energy_j", "latency_s"]].round(
-            {"energy_j": 1, "latency_s": 3})
-        e = sub["energy_j"]
-        note = sub["energy_note"].dropna().iloc[0] if sub["energy_note"].notna().any() else "n/a"
-        summary = (f"**{model} / {task}** in {run_id} on {sub['gpu_name'].iloc[0]}: {len(sub)} responses; "
-                   + (f"energy {e.mean():.1f} J (median {e.median():.1f}, p90 {e.quantile(0.9):.1f}); "
-                      if e.notna().any() else f"energy not measured ({note}); ")
-                   + f"length {sub['response_tokens'].mean():.1f} tokens; template `{sub['template'].iloc[0]}`")
-        rows = sub.assign(model=model)
-        half = charts.WIDTH // 2 - 40  # two side by side
-        energy = charts.distributions(rows, "energy_j", "model", "energy per response (J)", width=half)
-        length = charts.distributions(rows.assign(tokens=rows["response_tokens"].astype(float)), "tokens", "model",
-                                      "response length (tokens)", width=half)
-        energy_note = "" if energy is not None else (
-            f"_No energy histogram: {note}. Energy needs a run on an NVIDIA GPU._")
-        first = sub.sort_values("started_at").head(views.TIMELINE_REQUESTS)
-        end = (first["started_at"] + pd.to_timedelta(first["latency_s"], unit="s")).max()
-        power = folder.power(run_id, model, task, first["started_at"].min() - pd.Timedelta(seconds=0.5),
-                             end + pd.Timedelta(seconds=0.5))
-        line = charts.timeline(*views.timeline_frames(first, power)) if not power.empty else None
-        return (summary, _plot(energy), energy_note, _plot(length), samples, _plot(line),
-                views.timeline_note(sub, len(first), line is not None))
+        return detail.model_detail(folder, run_id, model, task)
 
     def detail_pick(run_id, model, task):
         """Dropdowns of the model detail for a run (keeping the model and task where the run

@@ -117,7 +117,8 @@ class RunsFolder:
             new = [run_dir / "results" / n for n in sorted(names - known)]
             ids: list[pa.Table] = []
             try:
-                scanned = store.scan_parts(lambda paths: partials(paths, by_file=True, by_worker=True, ids=ids), files=new)
+                scanned = store.scan_parts(lambda paths: partials(paths, by_file=True, by_worker=True, ids=ids,
+                                                                  run_id=run_dir.name), files=new)
             except PartsChanged:  # a job's files were compacted meanwhile: list the run again
                 return self._load(run_dir)
             still = pa.array(sorted(names), pa.string())
@@ -189,9 +190,22 @@ class RunsFolder:
         compares it to decide whether anything needs to be sent again)."""
         return tuple(sorted((run, hit.fingerprint) for run, hit in self._cache.items()))
 
+    def run_dir(self, run_id: str) -> Path | None:
+        """The folder of a run the page names: only a run folder directly under the runs
+        folder, never a path a value in a file (or a request) spells."""
+        if not isinstance(run_id, str) or not run_id or run_id in (".", "..") or "/" in run_id or "\\" in run_id:
+            return None
+        path = self.root / run_id
+        try:
+            if path.resolve().parent != self.root.resolve():
+                return None
+        except OSError:
+            return None
+        return path if path in self.run_dirs() else None
+
     def _per_request(self, run_id: str) -> _Cached | None:
-        run_dir = self.root / run_id
-        if run_dir not in self.run_dirs():
+        run_dir = self.run_dir(run_id)
+        if run_dir is None:
             return None
         hit = self._load(run_dir)
         return hit if hit.partials is not None else None
@@ -211,7 +225,7 @@ class RunsFolder:
             return None
         p = hit.partials
         holding = pc.unique(p.filter(pc.and_(pc.equal(p["model"], model), pc.equal(p["task"], task)))[PART_FILE])
-        store = RunStore(self.root / run_id)
+        store = RunStore(self.run_dir(run_id))
         job = (ds.field("model") == model) & (ds.field("task") == task)
         try:
             table = store.scan_parts(lambda paths: results_dataset(paths).to_table(columns=DETAIL_COLUMNS, filter=job),
@@ -222,7 +236,10 @@ class RunsFolder:
 
     def power(self, run_id: str, model: str, task: str, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
         """Power samples of one job's GPUs between two times (UTC): host, gpu_index, timestamp, power_w."""
-        store = RunStore(self.root / run_id)
+        run_dir = self.run_dir(run_id)
+        if run_dir is None:
+            return pd.DataFrame(columns=["host", "gpu_index", "timestamp", "power_w"])
+        store = RunStore(run_dir)
         utc = pa.timestamp("us", tz="UTC")
         when = ((ds.field("model") == model) & (ds.field("task") == task) & ds.field("power_w").is_valid()
                 & (ds.field("timestamp") >= pa.scalar(pd.Timestamp(start).floor("us").to_pydatetime(), utc))
@@ -233,16 +250,20 @@ class RunsFolder:
         return table.to_pandas().sort_values("timestamp", kind="stable")
 
     def prompts(self, run_id: str) -> pd.DataFrame:
-        return RunStore(self.root / run_id).read_prompts()
+        run_dir = self.run_dir(run_id)
+        if run_dir is None:
+            return pd.DataFrame({"prompt_id": pd.Series(dtype=str), "prompt": pd.Series(dtype=str)})
+        return RunStore(run_dir).read_prompts()
 
     def manifest(self, run_id: str) -> dict:
         """The run's manifest; {} when it has none (or it was damaged and set aside)."""
-        return RunStore(self.root / run_id).read_manifest() or {}
+        run_dir = self.run_dir(run_id)
+        return (RunStore(run_dir).read_manifest() or {}) if run_dir is not None else {}
 
-    def set_aside(self) -> dict[str, int]:
-        """{run id: damaged files set aside in its .quarantine/} for the runs that have any."""
-        counts = {d.name: len(RunStore(d).set_aside_files()) for d in self.run_dirs()}
-        return {run: n for run, n in counts.items() if n}
+    def set_aside(self) -> dict[str, list[str]]:
+        """{run: what the damaged files set aside in its .quarantine/ mean} for the runs that have any."""
+        summaries = {d.name: RunStore(d).set_aside_summary() for d in self.run_dirs()}
+        return {run: what for run, what in summaries.items() if what}
 
 
 def pareto_front(x: pd.Series, y: pd.Series) -> pd.Series:

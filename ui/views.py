@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keyword
 
+import numpy as np
 import pandas as pd
 
 from ui.data import DISPLAY, NUMERIC, pareto_front
@@ -209,10 +210,24 @@ def missing_note(df: pd.DataFrame, needs: list[str], what: str) -> str:
     return f"_{what} needs {', '.join(lacking)}, which no row in view has{hint}._"
 
 
-def set_aside_note(counts: dict[str, int]) -> str:
-    """Markdown: runs with damaged files set aside (their rows are not shown)."""
-    return "".join(f"\n\n⚠️ **{run}**: {n} damaged file(s) set aside in `{run}/.quarantine/`; their rows are "
-                   f"not shown (a resume of the run measures them again)" for run, n in sorted(counts.items()))
+def limit_maxima(df: pd.DataFrame, per_token: bool) -> tuple[float, float | None]:
+    """The ranges of the Under-limits sliders: (deadline, energy budget; None without
+    energy), a little above the largest value in view. Always finite: a model whose
+    responses are all empty has no time per token, and a non-finite figure is none."""
+    t = (1000 * df["latency"] / df["response_length"]) if per_token else df["latency"]
+    t = t.astype(float)
+    t = t.where(np.isfinite(t))
+    energy = df["energy"].astype(float)
+    energy = energy.where(np.isfinite(energy))
+    dmax = round(float(t.max()) * 1.05, 3) if t.notna().any() else 1.05
+    bmax = round(float(energy.max()) * 1.05, 1) if energy.notna().any() else None
+    return dmax, bmax
+
+
+def set_aside_note(set_aside: dict[str, list[str]]) -> str:
+    """Markdown: runs with damaged files set aside, and what that means for each."""
+    return "".join(f"\n\n⚠️ **{run}**: set aside in `{run}/.quarantine/`: {'; '.join(what)}"
+                   for run, what in sorted(set_aside.items()))
 
 
 def live_status(agg: pd.DataFrame, manifests: dict[str, dict]) -> str:
