@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.nvml import NvmlEnergyLog  # noqa: E402
 from sweep.backends import load_backend  # noqa: E402
 from sweep.config import GenerationSettings, ModelSpec, TaskSpec, TasksFile  # noqa: E402
-from sweep.meters.zeus import EnergyMeter  # noqa: E402
+from sweep.measure import open_meter  # noqa: E402
 from sweep.prompts import builtin_prompts  # noqa: E402
 from sweep.store import RunStore  # noqa: E402
 from sweep.worker import Worker, request_seed  # noqa: E402
@@ -169,20 +169,15 @@ class _StampedMeter:
     independent NVML reading can be taken over exactly the stored windows."""
 
     def __init__(self, meter) -> None:
-        self.meter, self.windows, self._begun = meter, [], None
+        self.meter, self.windows = meter, []
 
     def __getattr__(self, name):
         return getattr(self.meter, name)
 
-    def begin(self, key):
-        self.meter.begin(key)
-        self._begun = time.time()
-
-    def end(self, key):
-        ended = time.time()
-        reading = self.meter.end(key)
-        self.windows.append((self._begun, ended))
-        return reading
+    def end(self, key, phases):
+        window = self.meter.end(key, phases)
+        self.windows.append((window.start_unix_s, window.end_unix_s))
+        return window
 
 
 WAYS = ("hf-dynamic", "hf-static", "transformers", "compiled")
@@ -248,9 +243,10 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
             record(f"{backend_name} backend (bare, new lengths)", first_tokens, time.perf_counter() - t, None, wb)
         with NvmlEnergyLog() as nvml:
             worker = Worker("bench", spec.model_dump(mode="json"), tasks.model_dump(mode="json"), 1, _NoHub())
-            timed, meter = _TimedBackend(be), _StampedMeter(EnergyMeter(1))
+            timed, meter = _TimedBackend(be), _StampedMeter(open_meter(1))
             worker.backend, worker.meter = timed, meter
-            worker.idle_power_w = worker.meter.idle_power_w(1.0)
+            worker.idle_power_w = worker.meter.idle_power_w()
+            meter.calibrate(lambda: be.generate(SYSTEM, warm[0].text, seed=0).phases())
             meter.windows.clear()
             bare_s = worker_s = 0.0
             bare_tokens = 0
@@ -274,6 +270,7 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
                         worker_s += took["worker"][0]
                         # seconds per token in the worker over bare, for this prompt and seed
                         ratios.append(took["worker"][0] / took["worker"][1] / (took["bare"][0] / took["bare"][1]) - 1)
+                    worker._store_ready(writer, final=True)
                     writer.close()
                     rounds.append(store.read_results())
         rows = pd.concat(rounds, ignore_index=True)
@@ -294,7 +291,8 @@ def bench_preset(preset: str, args, bw: float, energy: Energy) -> list[dict]:
                nvml_counter_period_ms=nvml.counter_period_ms(0), rows=len(rows),
                steps_past_stop=int(rows["steps_past_stop"].sum()), idle_power_w=round(worker.idle_power_w or 0, 1),
                cache=rows["cache_implementation"].iloc[0], compiled=bool(rows["compiled"].iloc[0]),
-               load_s=round(load_s, 1))
+               energy_methods=rows["energy_method"].value_counts().to_dict(), load_s=round(load_s, 1))
+        meter.close()
         be = worker = timed = None
         torch.cuda.empty_cache()
     return results

@@ -80,8 +80,17 @@ def make_rows(model_i: int, task: str, prompt_ids: range, rng: random.Random, re
             mean_power_w=None if energy_j is None else energy_j / latency_s, power_limit_w=700.0,
             prefill_energy_j=None if energy_j is None else 0.03 * energy_j,
             decode_energy_j=None if energy_j is None else 0.97 * energy_j, energy_split_method="synthetic",
+            energy_method=None if energy_j is None else "window" if latency_s >= 5.0 else "attributed",
+            energy_uncertainty_j=None if energy_j is None else 0.01 * energy_j,
+            window_energy_j=None if energy_j is None else energy_j * rng.uniform(0.8, 1.2),
+            energy_model=None if energy_j is None else MODEL_JSON,
         ).to_dict())
     return rows
+
+
+# What a row's attribution records of its fit (one per GPU): a realistic size for the column.
+MODEL_JSON = ('[{"lag_s":0.08,"width_s":0.0,"power_w":{"prefill":612.4,"decode":401.7,"between":152.3},'
+              '"scale":1.0002,"increments":598,"rms_j":0.412,"span_s":59.8}]')
 
 
 def build(run_dir: Path, models: int, prompts: int, part_rows: int, response_bytes: int) -> int:

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from sweep.quality import ENERGY_FLAGS
+from sweep.quality import ENERGY_FLAGS, WINDOW_FLAGS
 from sweep.record import RESULT_SCHEMA
 
 KEYS = ["run_id", "gpu", "model", "backend", "task"]
@@ -60,10 +60,11 @@ MEANS = {
     "power_limit": ("power_limit_w", False),
 }
 FIRSTS = {"model_path": "model_path", "parameters": "params_b", "energy_note": "energy_note"}
-# Rows counted per group: any energy quality flag; a window under 1 s.
+# Rows counted per group: an energy quality flag that makes its energy_j unreliable (a flag
+# about the one-window reading only where energy_j is that reading); a window under 1 s.
 COUNTS = {"flagged": ENERGY_FLAGS, "coarse": ("coarse_window",)}
 SCAN_COLUMNS = sorted(set(PARTIAL_KEYS) | set(WORKER_KEYS) | {c for c, _ in MEANS.values()} | set(FIRSTS.values())
-                      | {"quality_flags"})
+                      | {"quality_flags", "energy_method"})
 # Additive columns of a partial; the sums of a group's rows, whichever files they came from.
 SUMS = (["responses", "energy_sq_sum", "measured_tokens_sum", "decode_tokens_sum"]
         + [f"{f}_{s}" for f in MEANS for s in ("sum", "n")] + [f"{c}_n" for c in COUNTS] + ["energy_missing_n"])
@@ -139,10 +140,15 @@ def _row_table(scan: pa.Table, run_id: str | None = None) -> pa.Table:
     has_decode = pc.is_valid(cols["decode_energy"])
     cols["decode_tokens"] = pc.if_else(has_decode, pc.max_element_wise(pc.subtract(tokens, 1.0), 0.0), _NULL)
     flags = pc.fill_null(pc.binary_join(scan["quality_flags"], " "), "")
-    for name, which in COUNTS.items():
-        hit = pc.match_substring_regex(flags, r"\b(" + "|".join(which) + r")\b")
+    # A flag about the one-window reading says nothing of an attributed energy.
+    window_energy = pc.fill_null(pc.equal(scan["energy_method"], "window"), True)
+    about_window = [f for f in ENERGY_FLAGS if f in WINDOW_FLAGS]
+    about_energy = [f for f in ENERGY_FLAGS if f not in WINDOW_FLAGS]
+    hits = {"flagged": pc.or_(pc.and_(window_energy, _any_flag(flags, about_window)), _any_flag(flags, about_energy)),
+            "coarse": _any_flag(flags, COUNTS["coarse"])}
+    for name in COUNTS:
         # Shares of the measured rows: a row without energy (a reset counter) is not among them.
-        cols[name] = pc.cast(pc.and_(measured, hit), pa.int64())
+        cols[name] = pc.cast(pc.and_(measured, hits[name]), pa.int64())
     for key in WORKER_KEYS:
         cols[key] = scan[key]
     # Rows with no energy that do not say why (validate's `energy_present`).
@@ -152,6 +158,10 @@ def _row_table(scan: pa.Table, run_id: str | None = None) -> pa.Table:
     if PART_FILE in scan.column_names:
         cols[PART_FILE] = scan[PART_FILE]
     return pa.table(cols)
+
+
+def _any_flag(flags: pa.ChunkedArray, which) -> pa.ChunkedArray:
+    return pc.match_substring_regex(flags, r"\b(" + "|".join(which) + r")\b")
 
 
 def _group(rows: pa.Table, keys: list[str]) -> pa.Table:

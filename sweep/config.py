@@ -170,6 +170,18 @@ class GenerationSettings(_Strict):
         return self
 
 
+class EnergySettings(_Strict):
+    """How each job checks its own energy figures (sweep/measure.py): a few of its requests
+    are measured again the reference way, the same request repeated inside one long window.
+    How many: `reference_share` of the job's prompts, as far as `max_reference_cost` of the
+    job's GPU time allows, and at least `min_references` (0 turns the checks off)."""
+
+    reference_share: float = Field(default=0.01, ge=0, le=1)
+    min_references: int = Field(default=3, ge=0)
+    max_reference_cost: float = Field(default=0.05, ge=0, le=1)
+    reference_window_s: float = Field(default=5.0, ge=1.0, le=600)
+
+
 class PromptSettings(_Strict):
     dataset: str = Field(default=BUILTIN_DATASET, description="ShareGPT-format JSON path, or 'builtin'")
     num_prompts: int = Field(default=3000, ge=1)
@@ -180,6 +192,7 @@ class TasksFile(_Strict):
     tasks: tuple[TaskSpec, ...] = Field(min_length=1)
     generation: GenerationSettings = GenerationSettings()
     prompts: PromptSettings = PromptSettings()
+    energy: EnergySettings = EnergySettings()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "TasksFile":

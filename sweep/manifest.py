@@ -209,6 +209,9 @@ def merge_for_resume(manifest: dict, models: ModelsFile, tasks: TasksFile, tasks
     """Check that a resumed run measures under the same conditions; add new models.
 
     Raises ConfigError naming the first setting that differs from the stored run."""
+    # A run started before the energy section existed measured with its defaults' windows;
+    # its rows say how each energy was obtained (energy_method), so it resumes as it is.
+    manifest["tasks"].setdefault("energy", tasks.model_dump(mode="json")["energy"])
     changed = _diff(manifest["tasks"], tasks.model_dump(mode="json"))
     if changed:
         raise ConfigError(f"{tasks_path}: {changed} in the stored run {manifest['run_id']}; use a new --run-id")

@@ -16,7 +16,8 @@ POWER_HIGH_OF_LIMIT = 1.1
 
 # flag -> what it means (README's table and `sweep validate` print these)
 FLAGS = {
-    "coarse_window": f"energy window shorter than {COARSE_WINDOW_S:g} s: the counter moves about every 100 ms",
+    "coarse_window": f"energy window shorter than {COARSE_WINDOW_S:g} s: the counter moves about every 100 ms, so "
+                     f"the one-window reading is coarse (an attributed energy_j does not rest on it)",
     "zero_counter": "the energy counter did not move during the window",
     "counter_reset": "the energy counter went backwards (reset): no energy figure",
     "power_below_idle": f"mean power of the window below {POWER_LOW_OF_IDLE:g} x the GPU's idle power",
@@ -26,13 +27,17 @@ FLAGS = {
 }
 # Flags that say the row's energy figure itself is unreliable.
 ENERGY_FLAGS = ("coarse_window", "zero_counter", "counter_reset", "power_below_idle", "power_above_limit")
+# Of those, the ones about the one-window reading: they make energy_j unreliable only where
+# energy_j is that reading (energy_method "window", or a run from before attribution).
+WINDOW_FLAGS = ("coarse_window", "zero_counter")
 
 
 def row_flags(*, metered: bool, window_s: float, energy_j: float | None, zero_counter: bool, counter_reset: bool,
               idle_power_w: float | None, power_limit_w: float | None, stop_reason: str,
-              prompt_truncated: bool) -> list[str]:
+              prompt_truncated: bool, energy_s: float | None = None) -> list[str]:
     """The flags of one request. `metered`: a GPU energy counter bracketed it (a CPU row
-    has no energy, and so no energy flags)."""
+    has no energy, and so no energy flags). `energy_s`: the seconds energy_j covers (its
+    window, unless it was attributed to the request's own phases)."""
     flags = []
     if metered:
         if window_s < COARSE_WINDOW_S:
@@ -41,7 +46,7 @@ def row_flags(*, metered: bool, window_s: float, energy_j: float | None, zero_co
             flags.append("zero_counter")
         if counter_reset:
             flags.append("counter_reset")
-        power_w = mean_power_w(energy_j, window_s)
+        power_w = mean_power_w(energy_j, window_s if energy_s is None else energy_s)
         if power_w is not None and idle_power_w is not None and power_w < POWER_LOW_OF_IDLE * idle_power_w:
             flags.append("power_below_idle")
         if power_w is not None and power_limit_w is not None and power_w > POWER_HIGH_OF_LIMIT * power_limit_w:

@@ -36,7 +36,7 @@ class ResultRow:
     latency_s: float = _col(pa.float64())
     ttft_s: float | None = _col(pa.float64())
     throughput_tok_s: float | None = _col(pa.float64())
-    energy_j: float | None = _col(pa.float64(), "null when not measured, see energy_note")
+    energy_j: float | None = _col(pa.float64(), "null when not measured, see energy_note; how: energy_method")
     energy_per_token_j: float | None = _col(pa.float64(), "this row's energy_j / response_tokens (aggregate energy_per_token is a ratio of sums)")
     idle_power_w: float | None = _col(pa.float64(), "the worker's GPUs at rest, measured before the job")
     energy_above_idle_j: float | None = _col(pa.float64())
@@ -61,9 +61,36 @@ class ResultRow:
     prefill_energy_j: float | None = _col(pa.float64(), "energy of [start, first token], from the power timeline")
     decode_energy_j: float | None = _col(pa.float64(), "energy of [first token, end], from the power timeline")
     energy_split_method: str | None = _col(pa.string(), "how prefill/decode energy were computed")
+    energy_method: str | None = _col(pa.string(), "how energy_j was obtained: 'window' (the request's own counter "
+                                                  "window, long enough to stand alone) or 'attributed' (from the "
+                                                  "counter's increments over the job); null in runs from before")
+    energy_uncertainty_j: float | None = _col(pa.float64(), "1 sigma of energy_j")
+    window_energy_j: float | None = _col(pa.float64(), "the one-window reading: the counter at the window's end "
+                                                       "less at its start (coarse below a few seconds)")
+    energy_model: str | None = _col(pa.string(), "the attribution's fit per GPU (JSON: the counter's lag and width, "
+                                                 "phase powers, scale, increments), where energy_j used it")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 RESULT_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(ResultRow)])
+
+
+# A job's reference check (sweep/measure.py): one of its requests, the same seed each time,
+# repeated inside one long window; `sweep validate` compares it with the request's row.
+REFERENCE_SCHEMA = pa.schema([
+    ("model", pa.string()),
+    ("task", pa.string()),
+    ("prompt_id", pa.string()),
+    ("host", pa.string()),
+    ("gpu_name", pa.string()),
+    ("gpu_index", pa.int32()),
+    ("repeats", pa.int32()),  # requests inside the window
+    ("window_s", pa.float64()),  # from the first repeat's start to the last one's end
+    ("energy_j", pa.float64()),  # per request: the counter over the window, less the gaps', over the repeats
+    ("energy_note", pa.string()),  # why energy_j is null
+    ("response_tokens", pa.list_(pa.int32())),  # of each repeat: the same seed gives the same tokens
+    ("cost_s", pa.float64()),  # GPU time the check took, its idle pauses included
+    ("started_at", pa.timestamp("us", tz="UTC")),
+])

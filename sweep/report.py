@@ -87,6 +87,7 @@ def print_leaderboard(store: RunStore) -> None:
         notes = g["energy_note"].dropna().unique() if "energy_note" in g else []
         for note in notes:
             print(f"   energy n/a: {note}")
+    print_reference_checks(store, agg)
     failures = store.failures()
     if failures:
         print(f"\n{len(failures)} failed job(s):")
@@ -97,6 +98,37 @@ def print_leaderboard(store: RunStore) -> None:
         errors = sum(e.severity == "error" for e in failed)
         print(f"\nvalidation: {errors} error(s), {len(failed) - errors} warning(s); "
               f"details: python -m sweep validate {store.run_dir}")
+
+
+def reference_summary(refs: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
+    """Per job: its reference checks, what they cost (GPU seconds, and as a share of the
+    job's GPU time) and the median deviation of the stored energy from them."""
+    if refs.empty:
+        return pd.DataFrame(columns=["model", "task", "checks", "cost_s", "cost_share", "median_deviation"])
+    gpu_s = (agg["latency"] * agg["responses"]).groupby([agg["model"], agg["task"]]).sum()
+    rows = []
+    for (model, task), g in refs.groupby(["model", "task"], sort=True):
+        usable = g[g["energy_j"].notna() & g["row_energy_j"].notna() & g["same_tokens"]]
+        dev = (usable["row_energy_j"] / usable["energy_j"] - 1.0).abs()
+        job_s = gpu_s.get((model, task), np.nan)
+        rows.append({"model": model, "task": task, "checks": len(g), "cost_s": g["cost_s"].sum(),
+                     "cost_share": g["cost_s"].sum() / job_s if job_s else np.nan,
+                     "median_deviation": dev.median() if len(dev) else np.nan})
+    return pd.DataFrame(rows)
+
+
+def print_reference_checks(store: RunStore, agg: pd.DataFrame) -> None:
+    from sweep.validate import reference_facts
+
+    summary = reference_summary(reference_facts(store), agg)
+    if summary.empty:
+        return
+    fmt = {"cost_s": "{:.0f}".format, "cost_share": "{:.1%}".format, "median_deviation": "{:.2%}".format}
+    print(f"\n== Reference checks (each: one request repeated inside one long window; cost: GPU seconds, and as a "
+          f"share of the job's GPU time; deviation: the stored energy against them)")
+    print(summary.to_string(index=False, formatters=fmt, na_rep="n/a"))
+    total = summary["cost_s"].sum()
+    print(f"   {int(summary['checks'].sum())} checks took {total:.0f} s of GPU time")
 
 
 def write_csvs(store: RunStore, out_dir: str | Path) -> list[Path]:

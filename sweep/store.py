@@ -5,6 +5,7 @@
     runs/<run_id>/results/*.parquet    one row per request (the dataset)
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
     runs/<run_id>/power/*.parquet      power timeline of each worker's GPUs (sweep/meters/timeline.py)
+    runs/<run_id>/references/*.parquet each job's reference checks (sweep/measure.py, REFERENCE_SCHEMA)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
     runs/<run_id>/locks/<job>.lock     held by the one process writing a job (the session's writer)
     runs/<run_id>/locks/driver.lock    held by the one driver writing the run
@@ -68,7 +69,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from sweep.record import RESULT_SCHEMA  # noqa: F401  (readers import it from here too)
+from sweep.record import REFERENCE_SCHEMA, RESULT_SCHEMA  # noqa: F401  (readers import them from here too)
 
 # Rows reach Parquet when this many are waiting, or this long after the last part file.
 FLUSH_ROWS = 64
@@ -115,11 +116,13 @@ _replaces_cache: dict[str, frozenset[str]] = {}
 
 # A file set aside is named <time>-<hex>-<where it was>: its folder and name, "~"-joined.
 _ORIGINS = (("part", lambda o: o.startswith("results~")), ("power", lambda o: o.startswith("power~")),
+            ("reference", lambda o: o.startswith("references~")),
             ("manifest", lambda o: o == "manifest.json"), ("prompts", lambda o: o == "prompts.parquet"),
             ("failure", lambda o: o.startswith("failures~")), ("imported", lambda o: o == "aggregates.parquet"))
 _CONSEQUENCES = {
     "part": "damaged part file{s}: their rows are not counted, and a resume measures them again",
     "power": "damaged power file{s}: those power samples are not shown; energy figures are unaffected",
+    "reference": "damaged reference checks file{s}: those checks are not counted",
     "manifest": "damaged manifest{s}: the run reads without one (its rows are shown, completeness is not "
                 "checked), and a resume is refused until a manifest is put back",
     "prompts": "damaged prompts file{s}: prompt texts are not shown; a resume writes them again",
@@ -217,6 +220,7 @@ class RunStore:
         self.wal_dir = self.run_dir / "wal"
         self.failures_dir = self.run_dir / "failures"
         self.power_dir = self.run_dir / "power"
+        self.references_dir = self.run_dir / "references"
         self.locks_dir = self.run_dir / "locks"
         self.quarantine_dir = self.run_dir / QUARANTINE
         self.manifest_path = self.run_dir / "manifest.json"
@@ -461,6 +465,27 @@ class RunStore:
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         return atomic_write(self.power_dir / name, lambda tmp: pq.write_table(samples, tmp))
 
+    def write_reference_part(self, checks: pa.Table, slug: str) -> Path:
+        """Reference checks (REFERENCE_SCHEMA), as a part file of runs/<id>/references/."""
+        self.references_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+        return atomic_write(self.references_dir / name, lambda tmp: pq.write_table(checks, tmp))
+
+    def reference_files(self) -> list[Path]:
+        return self._visible(self.references_dir, "damaged reference checks file ({})")
+
+    def read_references(self, files: list[Path] | None = None) -> pa.Table:
+        """Every job's reference checks (REFERENCE_SCHEMA); a damaged file is set aside."""
+        tables = []
+        for path in self.reference_files() if files is None else files:
+            try:
+                tables.append(pq.read_table(path, schema=REFERENCE_SCHEMA))
+            except FileNotFoundError:  # merged meanwhile
+                continue
+            except (pa.ArrowException, OSError):
+                self.set_aside(path, "damaged reference checks file")
+        return pa.concat_tables(tables).replace_schema_metadata(None) if tables else REFERENCE_SCHEMA.empty_table()
+
     def power_files(self) -> list[Path]:
         """The power timeline's files, less those a merged file replaces (as part_files)."""
         return self._visible(self.power_dir, "damaged power timeline file ({})")
@@ -493,6 +518,8 @@ class RunStore:
         removed = self._merge(self.results_dir, slug, lambda files: self.scan_parts(lambda paths: pa.concat_tables(
             [pq.read_table(p, schema=RESULT_SCHEMA) for p in paths]), files=files))
         self.compact_power(slug)
+        self._merge(self.references_dir, slug, lambda files: self.read_references(files=files),
+                    "damaged reference checks file ({})")
         return removed
 
     def _merge(self, folder: Path, slug: str, read: Callable[[list[Path]], pa.Table],
@@ -723,6 +750,10 @@ class JobWriter:
     def append_power(self, samples: pa.Table) -> None:
         """Power samples are written at once: a worker sends them every ~30 s."""
         self.store.write_power_part(samples, self.slug)
+
+    def append_reference(self, check: dict) -> None:
+        """A reference check is written at once (a few per job)."""
+        self.store.write_reference_part(pa.Table.from_pylist([check], schema=REFERENCE_SCHEMA), self.slug)
 
     def flush(self) -> None:
         if self._pending:

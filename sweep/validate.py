@@ -31,6 +31,10 @@ IDLE_SPREAD_MAX = 0.25
 WORKER_SPREAD_MAX = 0.10
 # Hopper and Ampere boards slow their clocks near 85-90 C: figures taken hotter are not comparable.
 TEMPERATURE_MAX_C = 85.0
+# A job's rows against its reference checks (the same requests in long windows): the median
+# deviation above which its energy figures are wrong, and above which they are suspect.
+ATTRIBUTION_ERROR = 0.05
+ATTRIBUTION_WARNING = 0.02
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class RunFacts:
     failures: list[dict] = field(default_factory=list)
     max_temperature_c: dict[str, float] = field(default_factory=dict)  # "host gpu N" -> highest reading
     plan_note: str | None = None  # why there is no plan
+    references: pd.DataFrame = field(default_factory=lambda: reference_frame(pa.table({})))  # see reference_frame
 
 
 def _job_name(model: str, task: str) -> str:
@@ -196,8 +201,34 @@ def check_temperature(f: RunFacts) -> list[Expectation]:
             for gpu, t in sorted(f.max_temperature_c.items())]
 
 
+def check_attribution(f: RunFacts) -> list[Expectation]:
+    """Each job's stored energy agrees with its reference checks: the same requests, the
+    same seeds, repeated inside long windows (median deviation at most 2%; above 5% an error)."""
+    out = []
+    refs = f.references
+    for (model, task), g in refs.groupby(["model", "task"], sort=True):
+        usable = g[g["energy_j"].notna() & g["row_energy_j"].notna() & g["same_tokens"]]
+        name = _job_name(model, task)
+        if usable.empty:
+            why = "; ".join(sorted(set(g["why_unusable"].dropna()))) or "none usable"
+            out.append(Expectation("attribution", False, WARNING, f"{name}: {len(g)} reference check(s), none usable "
+                                   f"({why})", model, task))
+            continue
+        dev = (usable["row_energy_j"] / usable["energy_j"] - 1.0).abs()
+        med = float(dev.median())
+        severity = ERROR if med > ATTRIBUTION_ERROR else WARNING
+        ok = med <= ATTRIBUTION_WARNING
+        cost = f"; they took {g['cost_s'].sum():.0f} s" + (f", {g['cost_share'].iloc[0]:.1%} of the job's GPU time"
+                                                          if pd.notna(g["cost_share"].iloc[0]) else "")
+        out.append(Expectation("attribution", ok, severity,
+                               f"{name}: stored energy vs {len(usable)} reference check(s): median deviation "
+                               f"{med:.1%}, largest {dev.max():.1%} (at most {ATTRIBUTION_WARNING:.0%}; above "
+                               f"{ATTRIBUTION_ERROR:.0%} an error){cost}", model, task))
+    return out
+
+
 CHECKS = [check_complete, check_no_duplicates, check_energy_present, check_idle_power, check_flagged_share,
-          check_host_bound, check_worker_spread, check_failures, check_temperature]
+          check_host_bound, check_worker_spread, check_failures, check_temperature, check_attribution]
 
 
 def run_checks(facts: RunFacts) -> list[Expectation]:
@@ -266,12 +297,61 @@ def temperatures(store: RunStore, seen: dict[str, dict[str, float]] | None = Non
 
 
 def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, stored: pd.DataFrame,
-          failures: list[dict], max_temperature_c: dict[str, float], jobs: pd.DataFrame | None = None) -> RunFacts:
+          failures: list[dict], max_temperature_c: dict[str, float], jobs: pd.DataFrame | None = None,
+          references: pd.DataFrame | None = None) -> RunFacts:
     """RunFacts from what a reader already has: partials by worker (sweep.aggregate),
-    `stored_counts` of the row ids, and the job figures when it made them already."""
+    `stored_counts` of the row ids, the job figures when it made them already, and the
+    reference checks (`reference_facts`)."""
     planned, why = _planned_jobs(manifest)
-    return RunFacts(planned, planned_prompts, stored, job_figures(parts) if jobs is None else jobs,
-                    finish(parts, WORKER_KEYS), failures, max_temperature_c, why)
+    jobs = job_figures(parts) if jobs is None else jobs
+    refs = reference_frame(pa.table({})) if references is None else references
+    if len(refs) and len(jobs):
+        gpu_time = (jobs["latency"] * jobs["responses"]).groupby([jobs["model"], jobs["task"]]).sum()
+        cost = refs.groupby(["model", "task"])["cost_s"].transform("sum")
+        key = pd.MultiIndex.from_frame(refs[["model", "task"]])
+        refs = refs.assign(cost_share=(cost / gpu_time.reindex(key).to_numpy()).to_numpy())
+    return RunFacts(planned, planned_prompts, stored, jobs, finish(parts, WORKER_KEYS), failures, max_temperature_c,
+                    why, refs)
+
+
+REFERENCE_COLUMNS = ["model", "task", "prompt_id", "energy_j", "row_energy_j", "row_method", "same_tokens",
+                     "why_unusable", "repeats", "window_s", "cost_s", "cost_share"]
+
+
+def reference_frame(checks: pa.Table, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Reference checks joined with the rows of their requests: REFERENCE_COLUMNS."""
+    if checks.num_rows == 0:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in REFERENCE_COLUMNS})
+    refs = checks.to_pandas()
+    rows = rows if rows is not None else pd.DataFrame(columns=["model", "task", "prompt_id", "energy_j",
+                                                               "energy_method", "response_tokens"])
+    rows = rows.rename(columns={"energy_j": "row_energy_j", "energy_method": "row_method",
+                                "response_tokens": "row_tokens"})
+    refs = refs.merge(rows.drop_duplicates(["model", "task", "prompt_id"]), on=["model", "task", "prompt_id"],
+                      how="left")
+    same = [isinstance(t, (list, np.ndarray)) and len(t) > 0 and pd.notna(r) and all(int(x) == int(r) for x in t)
+            for t, r in zip(refs["response_tokens"], refs["row_tokens"])]
+    refs["same_tokens"] = same
+    refs["why_unusable"] = np.where(refs["energy_j"].isna(), refs["energy_note"].fillna("no reference energy"),
+                                    np.where(refs["row_energy_j"].isna(), "its row has no energy",
+                                             np.where(~refs["same_tokens"], "the repeats' tokens differ from the row's",
+                                                      None)))
+    refs["cost_share"] = np.nan
+    return refs[REFERENCE_COLUMNS]
+
+
+def reference_facts(store: RunStore) -> pd.DataFrame:
+    """The run's reference checks with the rows they check (read for those prompts only)."""
+    checks = store.read_references()
+    if checks.num_rows == 0:
+        return reference_frame(checks)
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    wanted = pc.unique(checks["prompt_id"])
+    rows = store.read_parts(columns=["model", "task", "prompt_id", "energy_j", "energy_method", "response_tokens"],
+                            filter=ds.field("prompt_id").isin(wanted)).to_pandas()
+    return reference_frame(checks, rows)
 
 
 def collect(store: RunStore) -> RunFacts:
@@ -279,7 +359,7 @@ def collect(store: RunStore) -> RunFacts:
     planned_prompts = set(store.read_prompts()["prompt_id"])
     parts, ids = store.scan_parts(lambda paths: worker_partials(tuple(paths), store.run_dir.name))
     return facts(store.read_manifest(), planned_prompts, parts, stored_counts(ids, planned_prompts), store.failures(),
-                 temperatures(store))
+                 temperatures(store), references=reference_facts(store))
 
 
 def validate(store: RunStore) -> list[Expectation]:

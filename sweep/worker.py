@@ -10,15 +10,17 @@ run on any node of a cluster) and is durable there before the request after next
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import os
 import socket
+import statistics
 import time
 import traceback
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from sweep.config import ModelSpec, TasksFile
-from sweep.meters.timeline import PowerTimeline
 from sweep.prompts import Prompt
 from sweep.quality import mean_power_w, row_flags
 from sweep.record import ResultRow
@@ -124,6 +126,9 @@ class RemoteJob:
         self._settle()
         self._in_flight = self.writer.append.remote(self.model, self.task, self.token, row)
 
+    def append_reference(self, check: dict) -> None:
+        self._get(self.writer.append_reference.remote(self.model, self.task, self.token, check))
+
     def append_power(self, samples) -> None:
         # The writer runs one worker's calls in the order sent: these follow the rows before them.
         self._get(self.writer.append_power.remote(self.model, self.task, self.token, samples))
@@ -159,25 +164,37 @@ class Worker:
         self.timeline = None  # PowerTimeline of the worker's GPUs, when there are GPUs
         self._power_written_at = 0.0
         self.idle_power_w: float | None = None
+        self.request_s: float | None = None  # a request's mean latency while calibrating
         self.device = _device_info(num_gpus)
 
     def _load(self, prompts: list[Prompt], system_prompt: str) -> None:
         import torch
 
         from sweep.backends import load_backend
-        from sweep.meters.zeus import EnergyMeter
+        from sweep.measure import open_meter
 
         if not self.num_gpus:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         device = "cuda" if self.num_gpus and torch.cuda.is_available() else "cpu"
         self.backend = load_backend(self.spec, self.tasks.generation, device)
-        self.meter = EnergyMeter(self.num_gpus if device == "cuda" else 0)
+        self.meter = open_meter(self.num_gpus if device == "cuda" else 0)
         if self.meter.available:
             self.timeline = _start_timeline(self.num_gpus, self.device)
         # Warm-up (not stored): first CUDA kernels, allocator growth, static-cache compile.
-        for p in prompts[: self.tasks.generation.warmup_requests]:
+        warm = prompts[: self.tasks.generation.warmup_requests]
+        for p in warm:
             self.backend.generate(system_prompt, p.text, seed=0)
         self.idle_power_w = self.meter.idle_power_w()
+        if warm:  # the counter's first fit: the warm-up prompts again, back to back
+            cycle, took = itertools.cycle(warm), []
+
+            def run():
+                out = self.backend.generate(system_prompt, next(cycle).text, seed=0)
+                took.append(out.latency_s)
+                return out.phases()
+
+            self.meter.calibrate(run)
+            self.request_s = statistics.mean(took) if took else None
 
     def run_job(self, task_name: str, prompts: list[Prompt]) -> dict[str, Any]:
         """Run every prompt of (this model, task_name) not yet stored. Never raises for a
@@ -193,14 +210,21 @@ class Worker:
                 if todo and self.backend is None:
                     self._load(prompts, system_prompt)
                 phase = "generate"
+                checked = self._reference_ids(task_name, prompts) if todo and self.meter.attributes else set()
                 for prompt in todo:
                     self.serve(job, task_name, system_prompt, prompt)
+                    if prompt.prompt_id in checked:
+                        self._reference(task_name, system_prompt, prompt)
             finally:
                 try:
-                    self._write_power(job, task_name)
-                except Exception as exc:  # samples are lost, never the rows: the job still closes
-                    print(f"warning: power samples of {model} / {task_name} not stored: {exc}", flush=True)
-                job.close()
+                    if self.meter is not None:
+                        self._store_ready(job, final=True)
+                finally:
+                    try:
+                        self._write_power(job, task_name)
+                    except Exception as exc:  # samples are lost, never the rows: the job still closes
+                        print(f"warning: power samples of {model} / {task_name} not stored: {exc}", flush=True)
+                    job.close()
         except Exception as exc:
             cause = _cause(exc)  # a full disk at the writer reads as OSError(ENOSPC) here too
             return {"ok": False, "phase": phase, "device": self.device, "disk_full": is_disk_full(cause),
@@ -210,9 +234,11 @@ class Worker:
         return {"ok": True, "device": self.device}
 
     def serve(self, writer, task: str, system_prompt: str, prompt: Prompt) -> None:
-        """One request as a sweep serves it: measured, stored durably (`writer`: a
-        RemoteJob, which counts it once stored, or a store's JobWriter)."""
-        writer.append(self._measure(task, system_prompt, prompt))
+        """One request as a sweep serves it: measured, and stored durably (`writer`: a
+        RemoteJob, which counts it once stored, or a store's JobWriter) once the energy
+        counter has counted it, with every earlier request the counter has counted."""
+        self._measure(task, system_prompt, prompt)
+        self._store_ready(writer)
         if time.monotonic() - self._power_written_at >= POWER_WRITE_S:
             try:
                 self._write_power(writer, task)
@@ -234,24 +260,58 @@ class Worker:
             if samples.num_rows:
                 writer.append_power(samples)
 
-    def _measure(self, task: str, system_prompt: str, prompt: Prompt) -> dict[str, Any]:
-        self.meter.begin(prompt.prompt_id)
+    def _reference_ids(self, task: str, prompts: list[Prompt]) -> set[str]:
+        """The job's prompts that are also measured the reference way (tasks.yaml `energy`):
+        chosen by their seed, so a resumed job checks the same ones."""
+        e = self.tasks.energy
+        cost_s = self.meter.reference_cost_s(e.reference_window_s)
+        budget = (e.max_reference_cost * len(prompts) * self.request_s / cost_s) if self.request_s else 0.0
+        n = min(len(prompts), max(e.min_references, min(math.ceil(e.reference_share * len(prompts)), int(budget))))
+        ranked = sorted(prompts, key=lambda p: request_seed(self.tasks.prompts.seed, task, p.prompt_id))
+        return {p.prompt_id for p in ranked[:n]}
+
+    def _reference(self, task: str, system_prompt: str, prompt: Prompt) -> None:
+        seed = request_seed(self.tasks.prompts.seed, task, prompt.prompt_id)
+
+        def run():
+            out = self.backend.generate(system_prompt, prompt.text, seed=seed)
+            return out.phases(), out.response_tokens
+
+        self.meter.reference((task, prompt), run, self.tasks.energy.reference_window_s)
+
+    def _measure(self, task: str, system_prompt: str, prompt: Prompt) -> None:
+        self.meter.begin()
         out = self.backend.generate(system_prompt, prompt.text, seed=request_seed(self.tasks.prompts.seed, task, prompt.prompt_id))
-        reading = self.meter.end(prompt.prompt_id)
-        energy = reading.energy_j
+        self.meter.end((task, prompt, out), out.phases())
+
+    def _store_ready(self, writer, final: bool = False) -> None:
+        """Rows (and reference checks) the meter has finished, to the writer."""
+        from sweep.measure import ReferenceFigures
+
+        for key, figures in self.meter.ready(final):
+            if isinstance(figures, ReferenceFigures):
+                writer.append_reference(self._reference_row(figures))
+            else:
+                writer.append(self._row(*key, figures))
+
+    def _reference_row(self, f) -> dict[str, Any]:
+        task, prompt = f.key
+        return {"model": self.spec.name, "task": task, "prompt_id": prompt.prompt_id, "host": self.device["host"],
+                "gpu_name": self.device["gpu_name"], "gpu_index": self.device["gpu_index"], "repeats": f.repeats,
+                "window_s": f.window_s, "energy_j": f.energy_j, "energy_note": f.note,
+                "response_tokens": f.response_tokens, "cost_s": f.cost_s,
+                "started_at": datetime.fromtimestamp(f.started_unix_s, timezone.utc)}
+
+    def _row(self, task: str, prompt: Prompt, out, fig) -> dict[str, Any]:
+        """The stored row of one request and its energy figures (sweep.measure.EnergyFigures)."""
+        energy = fig.energy_j
         g, b = self.tasks.generation, self.backend
-        prefill_j = decode_j = None
-        if self.timeline is not None and out.ttft_s is not None:
-            try:
-                prefill_j, decode_j = self.timeline.energy_j(reading.start_unix_s, reading.start_unix_s + out.ttft_s,
-                                                             reading.end_unix_s)
-            except Exception as exc:
-                prefill_j = decode_j = None
-                self._drop_timeline(f"power timeline failed ({type(exc).__name__}: {exc})")
-        flags = row_flags(metered=self.meter.available, window_s=reading.time_s, energy_j=energy,
-                          zero_counter=reading.zero_counter, counter_reset=reading.counter_reset,
+        # the seconds energy_j covers: its window, or (attributed) the request's own phases
+        energy_s = fig.window_s if fig.method == "window" else out.latency_s
+        flags = row_flags(metered=self.meter.available, window_s=fig.window_s, energy_j=energy,
+                          zero_counter=fig.zero_counter, counter_reset=fig.counter_reset,
                           idle_power_w=self.idle_power_w, power_limit_w=self.meter.power_limit_w,
-                          stop_reason=out.stop_reason, prompt_truncated=out.prompt_truncated)
+                          stop_reason=out.stop_reason, prompt_truncated=out.prompt_truncated, energy_s=energy_s)
         return ResultRow(
             run_id=self.run_id,
             model=self.spec.name,
@@ -273,12 +333,12 @@ class Worker:
             energy_per_token_j=energy / out.response_tokens if energy is not None and out.response_tokens else None,
             idle_power_w=self.idle_power_w,
             energy_above_idle_j=(
-                energy - self.idle_power_w * reading.time_s if energy is not None and self.idle_power_w is not None else None
+                energy - self.idle_power_w * energy_s if energy is not None and self.idle_power_w is not None else None
             ),
-            energy_note=reading.note,
+            energy_note=fig.note,
             stop_reason=out.stop_reason,
             response=out.response,
-            started_at=datetime.fromtimestamp(reading.start_unix_s, timezone.utc),  # the window's start
+            started_at=datetime.fromtimestamp(fig.start_unix_s, timezone.utc),  # the window's start
             backend=b.name,
             dtype=b.dtype_name,
             template=b.template.name,
@@ -290,10 +350,14 @@ class Worker:
             compiled=b.effective.compiled,
             steps_past_stop=out.steps_past_stop,
             quality_flags=flags,
-            window_s=reading.time_s,
-            mean_power_w=mean_power_w(energy, reading.time_s),
+            window_s=fig.window_s,
+            mean_power_w=mean_power_w(energy, energy_s),
             power_limit_w=self.meter.power_limit_w,
-            prefill_energy_j=prefill_j,
-            decode_energy_j=decode_j,
-            energy_split_method=PowerTimeline.method if prefill_j is not None else None,
+            prefill_energy_j=fig.prefill_j,
+            decode_energy_j=fig.decode_j,
+            energy_split_method=fig.split_method,
+            energy_method=fig.method,
+            energy_uncertainty_j=fig.uncertainty_j,
+            window_energy_j=fig.window_energy_j,
+            energy_model=fig.model,
         ).to_dict()

@@ -93,6 +93,10 @@ class RunWriter:
         """Store power samples (a pyarrow Table) of the job's worker."""
         self._job(model, task, token).writer.append_power(samples)
 
+    def append_reference(self, model: str, task: str, token: int, check: dict) -> None:
+        """Store one reference check of the job (sweep.record.REFERENCE_SCHEMA)."""
+        self._job(model, task, token).writer.append_reference(check)
+
     def close_job(self, model: str, task: str, token: int) -> None:
         """The job's rows into Parquet, its log removed, its part files compacted, its lock
         released."""

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,3 +117,62 @@ def tmpfs(mnt: Path, options: str):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+class SimulatedCounter:
+    """A GPU's energy counter as NVML reports it, on CPU: the GPU spends `powers` (W, for
+    prefill, decode, between requests; each request's powers scaled by a factor of its own,
+    `spread` wide) during the phases a meter noted, and the counter moves every `period_s`
+    to the energy spent up to `lag_s` earlier, averaged over `width_s`. Called by a
+    CounterLog (`source=`): returns the moves since the last call and how far they go."""
+
+    def __init__(self, meter_phases, powers=(600.0, 400.0, 150.0), lag_s=0.08, width_s=0.0, period_s=0.1,
+                 spread=0.02, seed=0):
+        import random
+
+        self.phases, self.powers = meter_phases, powers
+        self.lag_s, self.width_s, self.period_s = lag_s, width_s, period_s
+        self.spread, self.rng = spread, random.Random(seed)
+        self.factors: dict[tuple, tuple[float, float]] = {}
+        self.t0 = time.monotonic()
+        self.next_u = self.t0 + period_s * 0.37
+
+    def factor(self, p):
+        key = (round(p.prefill_s, 9), round(p.decode_s, 9))  # the request, wherever it runs in time
+        if key not in self.factors:
+            self.factors[key] = (1 + self.rng.gauss(0, self.spread), 1 + self.rng.gauss(0, self.spread))
+        return self.factors[key]
+
+    def true_energy(self, p) -> float:
+        """What the GPU spent during one request (its prefill and decode), J."""
+        fp, fd = self.factor(p)
+        return self.powers[0] * fp * p.prefill_s + self.powers[1] * fd * p.decode_s
+
+    def spent(self, t: float) -> float:
+        """Energy spent from t0 to t, J."""
+        busy, energy = 0.0, 0.0
+        for p in self.phases():
+            if p.start_s >= t:
+                continue
+            fp, fd = self.factor(p)
+            pre = max(min(t, p.first_token_s) - p.start_s, 0.0)
+            dec = max(min(t, p.end_s) - p.first_token_s, 0.0)
+            busy += pre + dec
+            energy += self.powers[0] * fp * pre + self.powers[1] * fd * dec
+        return energy + self.powers[2] * (t - self.t0 - busy)
+
+    def __call__(self):
+        now = time.monotonic()
+        return self.moves_until(now), now
+
+    def moves_until(self, now: float) -> list:
+        moves = []
+        while self.next_u <= now:
+            u = self.next_u - self.lag_s
+            if self.width_s > 0:
+                value = sum(self.spent(u - self.width_s * (k + 0.5) / 8) for k in range(8)) / 8
+            else:
+                value = self.spent(u)
+            moves.append((0, self.next_u, round(1000.0 + value, 3)))
+            self.next_u += self.period_s
+        return moves

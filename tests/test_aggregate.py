@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from sweep.aggregate import BACKEND_WHEN_ABSENT, KEYS, finish, gpu_label, partials, results_dataset
-from sweep.quality import ENERGY_FLAGS
+from sweep.quality import ENERGY_FLAGS, WINDOW_FLAGS
 from sweep.record import RESULT_SCHEMA
 from sweep.report import run_aggregates
 from sweep.store import RunStore, job_slug
@@ -41,7 +41,10 @@ def pandas_aggregate(df: pd.DataFrame) -> pd.DataFrame:
             decode_energy_per_token=d["decode_energy_j"].sum() / decode_tokens if decode_tokens else np.nan,
             mean_power=m["mean_power_w"].mean(), idle_power=g["idle_power_w"].mean(),
             power_limit=g["power_limit_w"].mean(),
-            flagged_share=flags.map(lambda f: bool(f & set(ENERGY_FLAGS))).mean() if len(m) else np.nan,
+            # a flag about the one-window reading counts only where energy_j is that reading
+            flagged_share=pd.Series([bool(f & (set(ENERGY_FLAGS) - set(WINDOW_FLAGS) if meth == "attributed"
+                                               else set(ENERGY_FLAGS)))
+                                     for f, meth in zip(flags, m["energy_method"])]).mean() if len(m) else np.nan,
             coarse_share=flags.map(lambda f: "coarse_window" in f).mean() if len(m) else np.nan,
             energy_missing=int((g["energy_j"].isna() & g["energy_note"].isna()).sum()),
             energy_note=None if len(m) else next(iter(g["energy_note"].dropna()), None)))
@@ -60,7 +63,10 @@ def _jobs(rng):
                     energies = [None if rng.random() < 0.1 else rng.gauss(1000.0, 5.0) for _ in range(n)]
                     tokens = [rng.randint(1, 500) for _ in range(n)]
                     rows = synthetic_rows("r", model, task, energies, tokens, gpu_name=gpu, params_b=params)
-                    jobs.append([dict(r, backend=backend, ttft_s=None if i % 7 == 0 else r["ttft_s"])
+                    # the compiled backend's rows are attributed: their coarse windows do not flag them
+                    jobs.append([dict(r, backend=backend, ttft_s=None if i % 7 == 0 else r["ttft_s"],
+                                      energy_method=("attributed" if backend == "compiled" else
+                                                     "window" if i % 2 else None))
                                  for i, r in enumerate(rows)])
     jobs.append(synthetic_rows("r", "c-1b", "chat", [None, None], [5, 6]))  # nothing measured: the note shows
     jobs.append(synthetic_rows("r", "d-1b", "chat", [42.0], [5]))  # one measurement: no interval

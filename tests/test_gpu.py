@@ -45,6 +45,13 @@ def test_both_backends_side_by_side_on_one_gpu_against_nvml(tmp_path):
     fast = df[df["model"] == "compiled"]
     assert (fast["cache_implementation"] == "static").all() and fast["compiled"].all()
     assert (fast["steps_past_stop"] <= 2).all()
+    # sub-second windows are attributed from the counter; HF's long ones stand alone
+    print("energy methods:", df.groupby("model")["energy_method"].value_counts().to_dict())
+    assert (fast["energy_method"] == "attributed").all()
+    assert df["window_energy_j"].notna().sum() >= 16 and df["energy_uncertainty_j"].notna().all()
+    check = run_sweep_cli("validate", tmp_path / "runs" / "g1")
+    print(check.stdout)
+    assert "attribution" in check.stdout and check.returncode == 0, check.stdout
     report = []
     for model, rows in df.groupby("model"):
         gpu = int(rows["gpu_index"].iloc[0])
@@ -114,9 +121,9 @@ def test_flash_decode_attention_matches_masked_sdpa(heads, kv_heads):
 
 @one_gpu
 def test_validate_timeline_and_prefill_decode_split_on_one_gpu(tmp_path):
-    """A 1.1B run that validates; its power timeline splits each request's energy into
-    prefill and decode, which add up to the counter's energy; 4-token responses are
-    flagged coarse."""
+    """A 1.1B run that validates; each request's energy split into prefill and decode,
+    which add up to it; 4-token responses have coarse windows, flagged as such, but their
+    attributed energy is not, and their reference checks agree with it."""
     from sweep.store import RunStore
 
     models = write_yaml(tmp_path / "models.yaml", {"models": [
@@ -133,23 +140,21 @@ def test_validate_timeline_and_prefill_decode_split_on_one_gpu(tmp_path):
     assert df["energy_split_method"].notna().all() and df["power_limit_w"].gt(0).all()
     power = RunStore(runs / "v").read_power().to_pandas()
     assert power["power_w"].notna().sum() > 10 and (power["gpu_index"] == df["gpu_index"].iloc[0]).all()
-    long = df[df["window_s"] > 2.0]
-    assert len(long) >= 4, df["window_s"].tolist()
-    split = long["prefill_energy_j"] + long["decode_energy_j"]
-    off = (split / long["energy_j"] - 1).abs()
-    print("timeline vs counter on windows over 2 s: sum", f"{split.sum() / long['energy_j'].sum() - 1:+.2%}",
-          "per row max", f"{off.max():.2%}", "prefill J", long["prefill_energy_j"].round(2).tolist())
-    assert split.sum() == pytest.approx(long["energy_j"].sum(), rel=0.03)
-    assert (long["prefill_energy_j"] < long["decode_energy_j"]).all()
+    split = df["prefill_energy_j"] + df["decode_energy_j"]
+    print("methods", df["energy_method"].value_counts().to_dict(), "prefill J", df["prefill_energy_j"].round(2).tolist())
+    assert (split - df["energy_j"]).abs().max() < 1e-6
+    assert (df["prefill_energy_j"] < df["decode_energy_j"]).all()
 
     proc = run_sweep_cli("--config", models, "--tasks", tasks, "--out", runs, "--run-id", "short", "--max-prompts", "8",
                          "--max-new-tokens", "4", "--no-dashboard", "--no-progress")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     short = pd.read_parquet(runs / "short" / "results")
     assert short["quality_flags"].map(lambda f: "coarse_window" in f).all()
+    assert (short["energy_method"] == "attributed").all()
     check = run_sweep_cli("validate", runs / "short")
     print(check.stdout)
-    assert "WARNING  flagged_share" in check.stdout
+    assert "WARNING  flagged_share" not in check.stdout and check.returncode == 0, check.stdout
+    assert "ok       attribution" in check.stdout
 
 
 @two_gpus

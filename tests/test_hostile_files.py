@@ -253,8 +253,9 @@ def test_the_model_detail_shows_rows_without_a_start_time(tmp_path):
     rows = [dict(r, started_at=None) for r in _rows("a", 3)]
     make_run(tmp_path, "r", [rows, _rows("b", 2)])
     folder = RunsFolder(tmp_path)
-    summary, *_, note = model_detail(folder, "r", "a", "chat")
+    summary, *_, note, checks = model_detail(folder, "r", "a", "chat")
     assert summary.startswith("**a / chat** in r") and "3 responses" in summary and "No power timeline" in note
+    assert "No reference checks" in checks
     assert model_detail(folder, "r", "b", "chat")[0].startswith("**b / chat**")
 
 

@@ -319,6 +319,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
                 d_timeline_note = gr.Markdown(elem_id="detail-timeline-note")
                 d_samples = gr.Dataframe(interactive=False, wrap=True, label="Sample prompts and responses",
                                          elem_id="detail-samples")
+                d_checks = gr.Markdown(elem_id="detail-checks")
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     c_run = gr.Dropdown(label="Run", elem_id="compare-run", allow_custom_value=True)
@@ -342,7 +343,7 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
         plot_out = [scatter, scatter_note, front, front_note, quality, quality_note]
         verb_out = [verb_gpu, verb_plot, verb_note, verb_table]
         limits_out = [limits_table, limits_note]
-        detail_out = [d_summary, d_energy, d_energy_note, d_length, d_samples, d_timeline, d_timeline_note]
+        detail_out = [d_summary, d_energy, d_energy_note, d_length, d_samples, d_timeline, d_timeline_note, d_checks]
         compare_out = [c_energy, c_note, c_length, c_hist, c_table]
 
         def on_filter(runs, gpus, task, backends, custom_cols, columns, rank_by, x, y, colour, log, score,
@@ -460,8 +461,8 @@ def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
             held = agg[(agg["model"] == model) & agg["run_id"].isin(d_run_choices())]
             if held.empty:  # e.g. a model of the imported 2023 results: published means only
                 return (gr.Tabs(selected="detail"), SKIP(), SKIP(), SKIP(),
-                        f"**{model}**: no run in this folder holds its per-request rows (imported results hold "
-                        f"means only): no distributions to show.", None, "", None, None)
+                        *detail.nothing(f"**{model}**: no run in this folder holds its per-request rows (imported "
+                                        f"results hold means only): no distributions to show."))
             run = pick["run_id"] if pick is not None and pick["run_id"] in set(held["run_id"]) else held["run_id"].iloc[0]
             task = pick["task"] if pick is not None else None
             return (gr.Tabs(selected="detail"), gr.Dropdown(value=run), *detail_pick(run, model, task))

@@ -56,7 +56,8 @@ NUMERIC = ["parameters", "energy", "energy_per_token", "throughput", "response_l
            "decode_energy_per_token", "prefill_energy", "flagged_share"]
 # What the model-detail view shows of each request.
 DETAIL_COLUMNS = ["prompt_id", "response", "response_tokens", "energy_j", "energy_note", "latency_s", "gpu_name",
-                  "template", "started_at", "ttft_s", "window_s", "prefill_energy_j", "decode_energy_j", "quality_flags"]
+                  "template", "started_at", "ttft_s", "window_s", "prefill_energy_j", "decode_energy_j", "quality_flags",
+                  "energy_method", "energy_uncertainty_j", "window_energy_j", "energy_split_method"]
 ID_SCHEMA = pa.schema([("model", pa.string()), ("task", pa.string()), ("prompt_id", pa.string()),
                        (PART_FILE, pa.string())])
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -78,6 +79,7 @@ class _Cached:
     temperatures: dict = field(default_factory=dict)  # power file -> its highest temperature per GPU
     counts: dict = field(default_factory=dict)  # (model, task) -> (its part files, its stored-id counts)
     planned: set = field(default_factory=set)  # the run's prompt ids the counts were made against
+    references: tuple | None = None  # (reference file names, validate.reference_facts of them)
 
 
 @dataclass
@@ -99,8 +101,9 @@ class RunsFolder:
         # Part files are written once under a unique name: their names say what changed.
         parts = tuple(p.name for p in store.part_files())
         # What else validation reads: the manifest (the plan), failures, the power timeline.
-        others = tuple(sorted((p.name, p.stat().st_mtime_ns) for p in (store.manifest_path, store.failures_dir)
-                              if p.exists())) + tuple(p.name for p in store.power_files())
+        others = (tuple(sorted((p.name, p.stat().st_mtime_ns) for p in (store.manifest_path, store.failures_dir)
+                               if p.exists())) + tuple(p.name for p in store.power_files())
+                  + tuple(p.name for p in store.reference_files()))
         fp = (parts, imported.stat().st_mtime_ns if imported.is_file() else None, others)
         hit = self._cache.get(run_dir.name)
         if hit is not None and hit.fingerprint == fp:
@@ -130,7 +133,7 @@ class RunsFolder:
             agg = finish(table)
             hit = _Cached(fp, agg, table, id_table,
                           hit.temperatures if hit is not None else {}, hit.counts if hit is not None else {},
-                          hit.planned if hit is not None else set())
+                          hit.planned if hit is not None else set(), hit.references if hit is not None else None)
             if not agg.empty:
                 agg["url"] = agg["model_path"].map(hub_url)
                 try:
@@ -165,8 +168,28 @@ class RunsFolder:
         stored = pd.DataFrame([row for _, row in hit.counts.values()], columns=["model", "task", "rows",
                                                                               "distinct_planned", "unplanned"])
         facts = validate.facts(store.read_manifest(), planned, parts.drop_columns([PART_FILE]), stored,
-                               store.failures(), validate.temperatures(store, hit.temperatures), jobs=hit.aggregates)
+                               store.failures(), validate.temperatures(store, hit.temperatures), jobs=hit.aggregates,
+                               references=RunsFolder._references(store, hit))
         return validate.job_status(validate.run_checks(facts))
+
+    @staticmethod
+    def _references(store: RunStore, hit: _Cached) -> pd.DataFrame:
+        """The run's reference checks with their rows; read again only when a check was
+        added (a check's row is stored before it) or one still lacks its row."""
+        names = tuple(p.name for p in store.reference_files())
+        cached = hit.references
+        if cached is None or cached[0] != names or cached[1]["row_energy_j"].isna().any():
+            hit.references = (names, validate.reference_facts(store))
+        return hit.references[1]
+
+    def references(self, run_id: str, model: str, task: str) -> pd.DataFrame:
+        """The reference checks of one job (validate.REFERENCE_COLUMNS)."""
+        run_dir = self.run_dir(run_id)
+        hit = self._cache.get(run_id) if run_dir is not None else None
+        if hit is None or hit.references is None:
+            return validate.reference_frame(pa.table({}))
+        refs = hit.references[1]
+        return refs[(refs["model"] == model) & (refs["task"] == task)]
 
     def aggregates(self) -> pd.DataFrame:
         """Figures of every run. Views call this once each per page event: the combined

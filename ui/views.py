@@ -344,13 +344,16 @@ def timeline_frames(rows: pd.DataFrame, samples: pd.DataFrame) -> tuple[pd.DataF
 
 
 def timeline_note(rows: pd.DataFrame, shown: int, plotted: bool) -> str:
-    if not plotted:
-        return ("_No power timeline: it is recorded on NVIDIA GPUs (Zeus `PowerMonitor`, every 20 ms); "
-                "CPU runs and runs made before it existed have none._")
     split = rows.dropna(subset=["prefill_energy_j", "decode_energy_j"])
     decode_tokens = (split["response_tokens"] - 1).clip(lower=0).sum()
+    how = split["energy_split_method"].dropna().iloc[0] if "energy_split_method" in split and len(split) else ""
     figures = (f" Mean prefill {split['prefill_energy_j'].mean():.2f} J and decode {split['decode_energy_j'].mean():.1f} J "
                f"per response; decode {split['decode_energy_j'].sum() / decode_tokens:.3f} J/token (all {len(split)} "
-               f"responses)." if len(split) and decode_tokens else "")
-    return (f"Power of the first {shown} requests of {len(rows)}: shaded, a request's energy window; dashed, its "
+               f"responses; {'an estimate from the power line below, finer than it resolves' if how.startswith('power') else how})."
+               if len(split) and decode_tokens else "")
+    if not plotted:
+        return ("_No power timeline: it is recorded on NVIDIA GPUs (Zeus `PowerMonitor`); CPU runs and runs made "
+                f"before it existed have none._{figures}")
+    return (f"Power of the first {shown} requests of {len(rows)}, as NVML reports it (its readings change about "
+            f"every 100 ms: detail finer than that is not measured): shaded, a request's energy window; dashed, its "
             f"first token (prefill before, decode after).{figures}")

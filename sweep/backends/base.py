@@ -35,6 +35,16 @@ class Generation:
     # Decode steps run after the step that ended the response (a stop checked late);
     # their time and energy are inside the request's window.
     steps_past_stop: int = 0
+    started_s: float | None = None  # time.monotonic() at the request's start (device synchronised)
+
+    def phases(self):
+        """The request's prefill and decode on the monotonic clock (None without a start)."""
+        from sweep.meters.attribution import Phases
+
+        if self.started_s is None:
+            return None
+        first = self.started_s + (self.ttft_s if self.ttft_s is not None else 0.0)
+        return Phases(self.started_s, min(first, self.started_s + self.latency_s), self.started_s + self.latency_s)
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,7 @@ class HFModel:
         return len(generated), text, "length"
 
     def result(self, ids: torch.Tensor, truncated: bool, generated: list[int], latency_s: float,
-               ttft_s: float | None) -> Generation:
+               ttft_s: float | None, started_s: float | None = None) -> Generation:
         """The request's record, from every token the backend generated (stop included)."""
         n_tokens, response, reason = self.trim(generated)
         # The token at index n_tokens ended the response (stop token, or the one completing a stop string).
@@ -157,6 +167,7 @@ class HFModel:
             ttft_s=ttft_s,
             stop_reason=reason,
             steps_past_stop=len(generated) - ended_at,
+            started_s=started_s,
         )
 
     def generate(self, system_prompt: str, user_text: str, seed: int) -> Generation:

@@ -418,7 +418,7 @@ class CompiledBackend(HFModel):
         kv_len = bucket_for(ids.shape[1] + s.max_new_tokens, self.kv_buckets)
         torch.manual_seed(seed)
         self._sync()
-        t0 = time.perf_counter()
+        started_s, t0 = time.monotonic(), time.perf_counter()
         with torch.no_grad():
             if self.on_cuda:
                 tokens, ttft_s = self._decode_cuda(ids, s.max_new_tokens, kv_len)
@@ -426,7 +426,7 @@ class CompiledBackend(HFModel):
                 tokens, ttft_s = self._decode_eager(ids, s.max_new_tokens, kv_len, t0)
         self._sync()
         latency_s = time.perf_counter() - t0
-        return self.result(ids, truncated, tokens, latency_s, ttft_s)
+        return self.result(ids, truncated, tokens, latency_s, ttft_s, started_s)
 
     def _decode_eager(self, ids: torch.Tensor, max_new: int, kv_len: int, t0: float) -> tuple[list[int], float]:
         self._prefill(self._load_prompt(ids))

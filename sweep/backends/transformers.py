@@ -66,10 +66,10 @@ class TransformersBackend(HFModel):
             # before grows the cache and recompiles inside that request's energy window.
             kwargs.update(cache_implementation="static", max_cache_len=s.context_length)
         self._sync()
-        t0 = time.perf_counter()
+        started_s, t0 = time.monotonic(), time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         self._sync()
         latency_s = time.perf_counter() - t0
         ttft_s = None if clock.first_token_at is None else clock.first_token_at - t0
-        return self.result(ids, truncated, out[0, ids.shape[1]:].tolist(), latency_s, ttft_s)
+        return self.result(ids, truncated, out[0, ids.shape[1]:].tolist(), latency_s, ttft_s, started_s)

@@ -1,0 +1,182 @@
+"""How right is each stored energy per response? One GPU, through the worker, back to back.
+
+For each backend and each max_new_tokens, the same prompts (fixed seeds: the same tokens
+every time) are served through the worker's own path, as in a sweep (rows stored with the
+energy the worker attributes, `energy_j`, and the one-window reading, `window_energy_j`).
+Then each request is measured again the reference way: the same request repeated back to
+back inside one window of at least --reference-s seconds, between two idle pauses, the
+counter over that window less the pauses' energy, over the repeats (the self-check's
+routine, sweep.measure). Independently, NVML's counter is polled in a process of its own
+(bench/nvml.py) and read at the repeats' first start and last end, over the repeats (the
+way such references were taken before): the two references should agree.
+
+Printed per (backend, max_new_tokens): the window's median length; for `energy_j` and
+for the one-window reading, the error per response against the reference (median, p90,
+max) and the error of their sum against the references' sum; and what the job's own
+reference checks would cost at 3,000 prompts.
+
+    python bench/fidelity.py --preset tinyllama-1.1b --max-new-tokens 32 128 512 --prompts 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.nvml import NvmlEnergyLog  # noqa: E402
+from sweep.backends import load_backend  # noqa: E402
+from sweep.config import EnergySettings, GenerationSettings, ModelSpec, PromptSettings, TaskSpec, TasksFile  # noqa: E402
+from sweep.measure import ReferenceFigures, open_meter  # noqa: E402
+from sweep.prompts import builtin_prompts, load_prompt_set  # noqa: E402
+from sweep.store import RunStore  # noqa: E402
+from sweep.worker import Worker, request_seed  # noqa: E402
+
+SYSTEM = ("A chat between a human user (prompter) and an artificial intelligence (AI) assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SHAREGPT = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt_v1_sample.json"
+
+
+class _NoHub:
+    class _Call:
+        @staticmethod
+        def remote(*args):
+            return None
+
+    start = advance = finish = _Call()
+
+
+def _prompts(n: int):
+    if SHAREGPT.is_file():
+        return list(load_prompt_set(PromptSettings(dataset=str(SHAREGPT), num_prompts=n, seed=1)).prompts)
+    return builtin_prompts()[:n]
+
+
+def _errors(values: np.ndarray, reference: np.ndarray) -> dict:
+    err = np.abs(values / reference - 1)
+    ok = np.isfinite(err)
+    return {"median": float(np.median(err[ok])), "p90": float(np.quantile(err[ok], 0.9)), "max": float(err[ok].max()),
+            "sum": float(np.nansum(values) / np.nansum(reference[np.isfinite(values)]) - 1), "n": int(ok.sum())}
+
+
+def run_setting(worker, be, prompts, max_new: int, reference_s: float, nvml) -> dict:
+    """Serve the prompts as a sweep does, then reference-measure each one."""
+    be.settings = be.settings.model_copy(update={"max_new_tokens": max_new})  # bench only: the loop reads it per request
+    worker.tasks = worker.tasks.model_copy(update={"generation": be.settings})
+    meter = worker.meter
+    with tempfile.TemporaryDirectory() as base:
+        store = RunStore(Path(base) / "r")
+        writer = store.writer("bench")
+        for p in prompts:
+            worker.serve(writer, "chat", SYSTEM, p)
+        worker._store_ready(writer, final=True)
+        writer.close()
+        rows = store.read_results().set_index("prompt_id").loc[[p.prompt_id for p in prompts]]
+    refs, raw, costs = [], [], []
+    for p in prompts:
+        seed = request_seed(0, "chat", p.prompt_id)
+        spans = []
+
+        def run():
+            out = be.generate(SYSTEM, p.text, seed=seed)
+            ph = out.phases()
+            spans.append((time.time() - (time.monotonic() - ph.start_s), time.time() - (time.monotonic() - ph.end_s)))
+            return ph, out.response_tokens
+
+        meter.reference(p.prompt_id, run, reference_s)
+        got = [f for _, f in meter.ready(final=True) if isinstance(f, ReferenceFigures)]
+        refs.append(got[-1].energy_j if got else np.nan)
+        costs.append(got[-1].cost_s if got else np.nan)
+        tokens = got[-1].response_tokens if got else []
+        same = bool(tokens) and all(t == rows.loc[p.prompt_id, "response_tokens"] for t in tokens)
+        raw.append(nvml.energy_j(0, spans[0][0], spans[-1][1]) / len(spans) if same else np.nan)
+        if not same:
+            refs[-1] = np.nan  # the repeats made other tokens: nothing to compare
+    ref = np.array(refs, float)
+    stored = rows["energy_j"].to_numpy(float)
+    window = rows["window_energy_j"].to_numpy(float)
+    req_s = float(rows["latency_s"].mean())
+    e = EnergySettings()
+    cost_s = float(np.nanmean(costs))
+    n3000 = max(e.min_references, min(math.ceil(e.reference_share * 3000),
+                                      int(e.max_reference_cost * 3000 * req_s / cost_s)))
+    ref_cost = n3000 * cost_s
+    return {"max_new_tokens": max_new, "window_s": float(rows["window_s"].median()),
+            "tokens": float(rows["response_tokens"].mean()),
+            "methods": rows["energy_method"].value_counts().to_dict(),
+            "energy_j": _errors(stored, ref), "one_window": _errors(window, ref),
+            "reference_vs_nvml_poll": float(np.nanmedian(np.abs(ref / np.array(raw) - 1))),
+            "checks_at_3000": {"n": n3000, "cost_share": ref_cost / (3000 * req_s), "one_check_s": cost_s},
+            "fit": json.loads(rows["energy_model"].dropna().iloc[-1]) if rows["energy_model"].notna().any() else None}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tinyllama-1.1b")
+    p.add_argument("--backends", nargs="+", default=["compiled", "transformers"])
+    p.add_argument("--max-new-tokens", nargs="+", type=int, default=[32, 128, 512])
+    p.add_argument("--transformers-max-new-tokens", nargs="+", type=int,
+                   help="for the transformers backend (default: --max-new-tokens)")
+    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--reference-s", type=float, default=5.0)
+    p.add_argument("--cache", default="static", choices=["static", "dynamic"], help="the transformers backend's cache")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/fidelity.py needs an NVIDIA GPU")
+    print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
+    prompts = _prompts(args.prompts)
+    results = []
+    with NvmlEnergyLog(period_s=0.002) as nvml:
+        for backend in args.backends:
+            lengths = (args.transformers_max_new_tokens or args.max_new_tokens) if backend == "transformers" \
+                else args.max_new_tokens
+            settings = GenerationSettings(max_new_tokens=max(lengths), temperature=0.7, context_length=2048,
+                                          cache_implementation=args.cache, warmup_requests=2)
+            tasks = TasksFile(tasks=(TaskSpec(name="chat", system_prompt=SYSTEM),), generation=settings)
+            spec = ModelSpec(name=args.preset, path=f"random:{args.preset}", conv_template="vicuna_v1.1",
+                             backend=backend)
+            t0 = time.perf_counter()
+            be = load_backend(spec, settings, "cuda")
+            worker = Worker("bench", spec.model_dump(mode="json"), tasks.model_dump(mode="json"), 1, _NoHub())
+            worker.backend, worker.meter = be, open_meter(1)
+            # Prompts that fit the longest setting untruncated: every setting serves the same text.
+            served = [q for q in prompts if not be.encode(SYSTEM, q.text)[1]]
+            for q in served[:2]:
+                be.generate(SYSTEM, q.text, seed=0)
+            worker.idle_power_w = worker.meter.idle_power_w()
+            worker.meter.calibrate(lambda: be.generate(SYSTEM, served[0].text, seed=0).phases())
+            print(f"# {backend}: loaded and calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
+            for max_new in sorted(lengths):
+                r = run_setting(worker, be, served, max_new, args.reference_s, nvml) | {"backend": backend}
+                results.append(r)
+                print(json.dumps(r), flush=True)
+            worker.meter.close()
+            be = worker = None
+            torch.cuda.empty_cache()
+    print("\nper response, against the repeated-request reference: median / p90 / max error; error of the sum")
+    print(f"{'backend':<14}{'new tok':>8}{'window':>8}  {'energy_j (stored)':<32}{'one window':<32}{'ref vs poll':>11}"
+          f"{'checks @3000':>14}")
+    for r in results:
+        def cell(e):
+            return f"{e['median']:.1%} / {e['p90']:.1%} / {e['max']:.1%}; {e['sum']:+.1%}"
+        print(f"{r['backend']:<14}{r['max_new_tokens']:>8}{r['window_s']:>7.2f}s  {cell(r['energy_j']):<32}"
+              f"{cell(r['one_window']):<32}{r['reference_vs_nvml_poll']:>11.2%}"
+              f"{r['checks_at_3000']['n']:>5} {r['checks_at_3000']['cost_share']:>7.1%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
