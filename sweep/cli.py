@@ -1,5 +1,8 @@
 """Command line: `python -m sweep [run] ...`, `report`, `validate`, `compact`, `import-mlenergy`.
 
+It parses arguments, calls the library (a run's session is sweep/session.py) and maps the
+outcome to an exit status.
+
 Exit status: 0 all jobs done, 1 some job failed or the disk is full, 2 bad input
 (nothing loaded or written), 130 interrupted by Ctrl-C or SIGTERM (rerun with the same
 --run-id to finish).
@@ -8,19 +11,15 @@ Exit status: 0 all jobs done, 1 some job failed or the disk is full, 2 bad input
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from sweep.config import ConfigError
+from sweep.session import EXIT_INTERRUPTED  # a second Ctrl-C exits with it from there
 
 EXIT_FAILED_JOBS = 1
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -45,196 +44,49 @@ def cmd_run(argv: list[str]) -> int:
     from sweep.config import check_run_id
     from sweep.preflight import check_address, check_output_folder
     from sweep.prompts import DatasetError
+    from sweep.session import Request, load_inputs, plan, run_session
     from sweep.store import RunBusy, RunStore
 
+    req = Request(config=args.config, tasks=args.tasks, only_tasks=tuple(args.only_tasks or ()),
+                  max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens, cpu_workers=args.cpu_workers,
+                  address=args.address, dashboard=not args.no_dashboard, progress=not args.no_progress)
     try:
-        models, tasks, prompt_set = _inputs(args)
+        inputs = load_inputs(req)
         run_id = check_run_id(args.run_id) if args.run_id is not None else time.strftime("%Y%m%d-%H%M%S")
         store = RunStore(Path(args.out) / run_id, read_only=args.dry_run)
         check_output_folder(store.run_dir, "--out")
         if args.address:
             check_address(args.address)
         if args.dry_run:
-            _, jobs, stored, _ = _plan(args, store, models, tasks, prompt_set)
-            for j in jobs:
-                print(f"  {j}: {stored[(j.model, j.task)]}/{len(prompt_set.prompts)} stored")
+            p = plan(req, store, inputs)
+            for j in p.jobs:
+                print(f"  {j}: {p.stored[(j.model, j.task)]}/{len(inputs.prompt_set.prompts)} stored")
             return 0
         with store.driver_lock():  # one driver per run, held until it exits
-            plan = _plan(args, store, models, tasks, prompt_set)
-            return _session(args, store, models, tasks, prompt_set, *plan)
+            end = run_session(req, store, inputs, plan(req, store, inputs))
     except (ConfigError, DatasetError, RunBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    return _report_end(store, end)
 
 
-def _inputs(args):
-    """The validated config files, task selection and prompts (ConfigError, DatasetError)."""
-    from sweep.config import check_model_tasks, load_models, load_tasks, with_overrides
-    from sweep.prompts import load_prompt_set
-
-    if args.cpu_workers < 1:
-        raise ConfigError("command line: --cpu-workers: must be at least 1")
-    models = load_models(args.config)
-    tasks = with_overrides(load_tasks(args.tasks), args.max_prompts, args.max_new_tokens)
-    check_model_tasks(args.config, models, tasks)
-    known = {t.name for t in tasks.tasks}
-    for name in args.only_tasks or ():
-        if name not in known:
-            raise ConfigError(f"command line: --task: unknown task {name!r} (in {args.tasks}: {', '.join(sorted(known))})")
-    return models, tasks, load_prompt_set(tasks.prompts)
-
-
-def _plan(args, store, models, tasks, prompt_set):
-    """(manifest or None, jobs, stored rows per job, jobs to run) of the run as it is on
-    disk; a resume must measure under the stored settings (ConfigError otherwise)."""
-    from sweep.manifest import adopt_folder_name, merge_for_resume, stored_manifest
-    from sweep.plan import make_plan
-
-    manifest = stored_manifest(store)
-    done = store.done_prompt_ids()
-    if manifest is None and any(done.values()):
-        rows = sum(len(ids) for ids in done.values())
-        raise ConfigError(f"{store.manifest_path}: missing, and the run holds {rows} stored row(s) whose settings "
-                          f"cannot be checked without it; put it back (a damaged one is kept in "
-                          f"{store.quarantine_dir}) or use a new --run-id")
-    if manifest is not None:
-        manifest = merge_for_resume(manifest, models, tasks, args.tasks, args.config)
-        check_same_prompts(store, manifest, prompt_set)
-        old_id = adopt_folder_name(manifest, store.run_dir.name)
-        if old_id is not None:
-            print(f"note: {store.run_dir} was run {old_id!r} (the folder was renamed or copied); the run is the "
-                  f"folder: it continues as {store.run_dir.name!r}, and its rows are read as this run's")
-    jobs = [j for j in make_plan(models, tasks) if not args.only_tasks or j.task in args.only_tasks]
-    wanted = {p.prompt_id for p in prompt_set.prompts}
-    stored = {(j.model, j.task): len(done.get((j.model, j.task), set()) & wanted) for j in jobs}
-    todo = [j for j in jobs if stored[(j.model, j.task)] < len(prompt_set.prompts)]
-    print(
-        f"{'Resuming' if manifest else 'New'} run {store.run_dir.name}: {len(models.models)} model(s) x "
-        f"{len(tasks.tasks)} task(s), {len(prompt_set.prompts)} prompts from {prompt_set.source} "
-        f"({prompt_set.available} usable, {prompt_set.skipped_empty} empty skipped); "
-        f"{len(todo)} of {len(jobs)} job(s) to run"
-    )
-    return manifest, jobs, stored, todo
-
-
-def check_same_prompts(store, manifest: dict, prompt_set) -> None:
-    """A resume measures the prompts the run was started on: the ids and texts sampled now
-    must be those stored in prompts.parquet (and the manifest's digest of them, where it
-    has one). ConfigError naming the dataset and the first prompt that differs."""
-    from sweep.manifest import prompts_digest
-
-    source = prompt_set.source
-    stored = store.read_prompts()
-    now = {p.prompt_id: p.text for p in prompt_set.prompts}
-    if len(stored):
-        before = dict(zip(stored["prompt_id"], stored["prompt"]))
-        for pid in sorted(set(before) | set(now)):
-            if before.get(pid) != now.get(pid):
-                what = ("is new" if pid not in before else "is gone" if pid not in now else "has another text")
-                raise ConfigError(f"{source}: prompt {pid[:80]!r} {what} since the run was started (its prompts are in "
-                                  f"{store.prompts_path}); the dataset changed: use a new --run-id")
-    digest = (manifest.get("prompts") or {}).get("sha256")
-    if digest is not None and digest != prompts_digest(prompt_set.prompts):
-        raise ConfigError(f"{source}: the sampled prompts differ from those the run was started on (manifest "
-                          f"prompts.sha256); the dataset changed: use a new --run-id")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, todo) -> int:
-    """One driver session on a validated plan: write the run, sweep, close the session."""
-    from sweep.driver import SweepOptions, SweepOutcome, run_sweep
-    from sweep.manifest import new_manifest, prompts_digest
-    from sweep.store import is_disk_full, job_slug
-
+def _report_end(store, end) -> int:
+    """What a session's end means for the user, and its exit status."""
     run_id = store.run_dir.name
-    session: dict | None = None
-
-    def close(outcome: SweepOutcome | None) -> None:
-        """Mark the session finished in the manifest (the UI shows a run without that as
-        running); None: stopped at once, counts unknown."""
-        if session is None:
-            return
-        if outcome is None:
-            session.update(finished_at=_now(), interrupted=True)
-        else:
-            for dev in outcome.devices:
-                if dev not in manifest["gpus"]:
-                    manifest["gpus"].append(dev)
-            session.update(finished_at=_now(), written=outcome.written, failed=len(outcome.failed),
-                           interrupted=outcome.interrupted)
-            if outcome.disk_full:
-                session["disk_full"] = outcome.disk_full
-        store.write_manifest(manifest)
-
-    outcome = SweepOutcome()
-    with _interrupts(lambda: close(None)):
-        try:
-            store.create()
-            store.write_prompts(prompt_set.prompts)
-            if manifest is None:
-                prompt_info = {"source": prompt_set.source, "count": len(prompt_set.prompts),
-                               "available": prompt_set.available, "skipped_empty": prompt_set.skipped_empty,
-                               "sha256": prompts_digest(prompt_set.prompts)}
-                manifest = new_manifest(run_id, models, tasks, prompt_info)
-            # The tasks this session was asked for: `validate` plans a run by its sessions' tasks.
-            session = {"started_at": _now(), "argv": sys.argv[1:],
-                       "tasks": sorted({j.task for j in jobs})}
-            manifest["sessions"].append(session)
-            store.write_manifest(manifest)
-            # Jobs this session will not touch: part files that a crash left uncompacted
-            # (or a compaction cut short left behind) are merged now; the others are when
-            # they end.
-            # A job whose last rows a crash left only in its log counts as done (a resume
-            # reads logs too) and is not run again: its rows move into the dataset here.
-            for j in (j for j in jobs if j not in todo):
-                # Every row stored: whatever failed before (a writer killed while it closed the
-                # job), the job is not failed.
-                store.clear_failure(j.model, j.task)
-                slug = job_slug(j.model, j.task)
-                if (store.wal_dir / f"{slug}.jsonl").is_file():
-                    try:
-                        with store.job_lock(slug, timeout_s=0):
-                            store.recover_wal(slug, j.model, j.task)
-                    except TimeoutError:  # a leftover writer still holds it: its end writes them
-                        pass
-            compacted, _, _ = store.compact_run(skip={job_slug(j.model, j.task) for j in todo})
-            if compacted:
-                print(f"Compacted the part files of {compacted} job(s) that an earlier session left uncompacted")
-            if todo:
-                opts = SweepOptions(run_id=run_id, run_dir=str(store.run_dir), address=args.address,
-                                    cpu_workers=args.cpu_workers, dashboard=not args.no_dashboard,
-                                    progress=not args.no_progress)
-                outcome = run_sweep(opts, models, tasks, prompt_set, todo, stored)
-        except KeyboardInterrupt:
-            outcome.interrupted = True
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            outcome.disk_full = str(exc)
-        try:
-            close(outcome)
-        except OSError as exc:
-            if not is_disk_full(exc):
-                raise
-            outcome.disk_full = outcome.disk_full or str(exc)
-
-    if not todo and not (outcome.interrupted or outcome.disk_full):
+    if end.nothing_to_do:
         print(f"Nothing to do: every job of run {run_id} is stored.")
         return 0
-    print(f"\nStored {outcome.written} new row(s) in {store.results_dir}")
-    if outcome.disk_full:
-        print(f"disk full: {outcome.disk_full}. Free some space, then rerun with --run-id {run_id} to finish; "
+    print(f"\nStored {end.written} new row(s) in {store.results_dir}")
+    if end.disk_full:
+        print(f"disk full: {end.disk_full}. Free some space, then rerun with --run-id {run_id} to finish; "
               f"nothing stored is lost.", file=sys.stderr)
         return EXIT_FAILED_JOBS
-    if outcome.interrupted:
+    if end.interrupted:
         print(f"Interrupted. Rerun with --run-id {run_id} to finish; nothing stored is lost.")
         return EXIT_INTERRUPTED
-    if outcome.failed:
-        print(f"{len(outcome.failed)} job(s) failed (details in {store.failures_dir}):")
-        for f in outcome.failed:
+    if end.failed:
+        print(f"{len(end.failed)} job(s) failed (details in {store.failures_dir}):")
+        for f in end.failed:
             print(f"  {f['model']} / {f['task']}: {f['error'].splitlines()[0][:300]}")
         return EXIT_FAILED_JOBS
     from sweep.report import print_leaderboard
@@ -243,47 +95,6 @@ def _session(args, store, models, tasks, prompt_set, manifest, jobs, stored, tod
     print(f"\nAll jobs done. Dataset: {store.results_dir} (pandas.read_parquet)\n"
           f"Again: python -m sweep report {store.run_dir}    Browse: python -m ui --runs {store.run_dir.parent}")
     return 0
-
-
-@contextmanager
-def _interrupts(on_quit: Callable[[], None]) -> Iterator[None]:
-    """Ctrl-C and SIGTERM (what a batch scheduler sends) stop a sweep alike: the first
-    raises KeyboardInterrupt and the driver stops cleanly, stored rows kept. A second
-    one while that is under way ends the process at once, quietly: `on_quit` (close
-    the session), then this process and the Ray processes it started."""
-
-    def first(signum, frame):
-        for sig in saved:
-            signal.signal(sig, again)
-        raise KeyboardInterrupt
-
-    def again(signum, frame):
-        os.write(2, b"\nInterrupted again: stopping now. Rerun with the same --run-id to finish.\n")
-        try:
-            on_quit()
-        except Exception:
-            pass
-        _end_children()
-        os._exit(EXIT_INTERRUPTED)
-
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in saved:
-        signal.signal(sig, first)
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
-def _end_children() -> None:
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
 
 
 def cmd_report(argv: list[str]) -> int:

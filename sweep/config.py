@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sweep.backends import DEFAULT_BACKEND
-from sweep.checkpoints import RANDOM_PREFIX, PRESETS
+from sweep.presets import PRESETS, RANDOM_PREFIX
 
 BUILTIN_DATASET = "builtin"
 

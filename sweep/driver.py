@@ -115,141 +115,181 @@ def run_sweep(
     jobs: list[Job],
     stored: dict[tuple[str, str], int],
 ) -> SweepOutcome:
+    """Run `jobs` on a Ray cluster (started here, or joined at opts.address) and return
+    what happened; stored rows are kept whatever happens."""
     auth_for_joining(opts.address)
-    import ray
+    return _Sweep(opts, models, tasks, prompt_set, jobs, stored).run()
 
-    from sweep.progress import ProgressBars, ProgressHub
-    from sweep.worker import Worker
-    from sweep.writer import start_writer
 
-    store = RunStore(opts.run_dir)
-    outcome = SweepOutcome()
-    bars = hub = writer = ray_record = None
+@dataclass
+class _Sweep:
+    """One session's Ray loop: a worker actor per model slot, jobs handed out as workers
+    free up, a dead worker replaced and its job resumed (MAX_ATTEMPTS), failures recorded."""
 
-    def fail(job: Job, error: str) -> None:
+    opts: SweepOptions
+    models: ModelsFile
+    tasks: TasksFile
+    prompt_set: PromptSet
+    jobs: list[Job]
+    stored: dict[tuple[str, str], int]
+    outcome: SweepOutcome = field(default_factory=SweepOutcome)
+    inflight: dict = field(default_factory=dict)  # ray ref -> (actor, model, job)
+    attempts: dict = field(default_factory=dict)  # job -> workers it was given to
+    serial: dict = field(default_factory=dict)  # model -> workers started
+
+    def __post_init__(self) -> None:
+        self.store = RunStore(self.opts.run_dir)
+        self.specs = {m.name: m for m in self.models.models}
+        self.bars = self.hub = self.writer = self.ray_record = None
+
+    def run(self) -> SweepOutcome:
+        import ray
+
         try:
-            store.record_failure(job.model, job.task, error)
+            self._start()
+            self._loop()
+            self.bars.update(ray.get(self.hub.snapshot.remote()))
+            self.bars.close()
+        except (KeyboardInterrupt, _DiskFull) as exc:
+            if isinstance(exc, _DiskFull):
+                self.outcome.disk_full = str(exc)
+            else:
+                self.outcome.interrupted = True
+            try:  # count what the stopped jobs stored (their rows are safe in the log)
+                self.bars.update(ray.get(self.hub.snapshot.remote(), timeout=5))
+            except Exception:
+                pass
+        finally:
+            if self.bars is not None:
+                self.outcome.written = sum(self.bars.stored.values()) - sum(self.stored.values())
+            if self.writer is not None:
+                _close_writer(self.writer, self.outcome)
+            ray.shutdown()
+            ray_sessions.forget(self.ray_record)
+        return self.outcome
+
+    def _fail(self, job: Job, error: str) -> None:
+        try:
+            self.store.record_failure(job.model, job.task, error)
         except OSError as exc:
             if is_disk_full(exc):
                 raise _DiskFull(str(exc)) from None
             raise
-        outcome.failed.append({"model": job.model, "task": job.task, "error": error})
+        self.outcome.failed.append({"model": job.model, "task": job.task, "error": error})
 
-    try:
-        ctx, ray_record = _start_ray(opts)
+    def _start(self) -> None:
+        """Ray, the writer on this node, the jobs no node can take failed at once, the
+        scheduler, the progress hub and bars."""
+        import ray
+
+        from sweep.progress import ProgressBars, ProgressHub
+        from sweep.worker import Worker
+        from sweep.writer import start_writer
+
+        opts, store = self.opts, self.store
+        ctx, self.ray_record = _start_ray(opts)
         _print_dashboard(ctx)
         cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-        gpu_mode = cluster_gpus > 0
+        self.gpu_mode = cluster_gpus > 0
         per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
-        specs = {m.name: m for m in models.models}
-        width = {m: (specs[m].gpus if gpu_mode else 1) for m in specs}
-        capacity = cluster_gpus if gpu_mode else opts.cpu_workers
-        where = f"{cluster_gpus} GPU(s)" if gpu_mode else f"{opts.cpu_workers} CPU worker(s), no GPU"
-        print(f"Run {opts.run_id}: {len(jobs)} job(s) on {where}; results in {store.results_dir}", flush=True)
-        if not gpu_mode:
+        self.width = {m: (self.specs[m].gpus if self.gpu_mode else 1) for m in self.specs}
+        capacity = cluster_gpus if self.gpu_mode else opts.cpu_workers
+        where = f"{cluster_gpus} GPU(s)" if self.gpu_mode else f"{opts.cpu_workers} CPU worker(s), no GPU"
+        print(f"Run {opts.run_id}: {len(self.jobs)} job(s) on {where}; results in {store.results_dir}", flush=True)
+        if not self.gpu_mode:
             print("No NVIDIA GPU in the cluster: energy_j will be empty (each row's energy_note says why). "
                   "Energy needs a GPU node, e.g. python -m sweep --config models-gpu.yaml", flush=True)
-        writer = start_writer(store.run_dir, opts.run_id, (store.locks_dir / "driver.lock").read_text().strip())
+        self.writer = start_writer(store.run_dir, opts.run_id, (store.locks_dir / "driver.lock").read_text().strip())
         try:
-            ray.get(writer.where.remote())
+            ray.get(self.writer.where.remote())
         except ray.exceptions.RayActorError as exc:
             raise RuntimeError(f"the run's writer did not start on the driver's node: {exc}") from None
-
         runnable = []
-        for job in jobs:
-            if gpu_mode and width[job.model] > per_node:
-                fail(job, f"needs {width[job.model]} GPUs on one node; the largest node has {per_node}")
-            elif missing := _unplaceable(specs[job.model].resources, width[job.model] if gpu_mode else 0):
-                fail(job, missing)
+        for job in self.jobs:
+            w = self.width[job.model]
+            if self.gpu_mode and w > per_node:
+                self._fail(job, f"needs {w} GPUs on one node; the largest node has {per_node}")
+            elif missing := _unplaceable(self.specs[job.model].resources, w if self.gpu_mode else 0):
+                self._fail(job, missing)
             else:
                 runnable.append(job)
+        self.sched = Scheduler(runnable, self.width, capacity)
+        self.hub = ray.remote(num_cpus=0)(ProgressHub).options(name=f"sweep progress [{opts.run_id}]").remote()
+        self.worker_cls = ray.remote(Worker)
+        self.prompts_ref = ray.put(list(self.prompt_set.prompts))
+        self.tasks_json = self.tasks.model_dump(mode="json")
+        self.bars = ProgressBars(len(self.jobs) * len(self.prompt_set.prompts), self.stored, enabled=opts.progress)
 
-        sched = Scheduler(runnable, width, capacity)
-        hub = ray.remote(num_cpus=0)(ProgressHub).options(name=f"sweep progress [{opts.run_id}]").remote()
-        worker_cls = ray.remote(Worker)
-        prompts_ref = ray.put(list(prompt_set.prompts))
-        tasks_json = tasks.model_dump(mode="json")
-        bars = ProgressBars(len(jobs) * len(prompt_set.prompts), stored, enabled=opts.progress)
-        inflight: dict[Any, tuple[Any, str, Job]] = {}
-        attempts: dict[Job, int] = {}
-        serial: dict[str, int] = {}
+    def _assign(self, actor, model: str) -> bool:
+        job = self.sched.next_job(model)
+        if job is None:
+            return False
+        self.attempts[job] = self.attempts.get(job, 0) + 1
+        ref = actor.run_job.options(name=f"{job.model} / {job.task}").remote(job.task, self.prompts_ref)
+        self.inflight[ref] = (actor, model, job)
+        return True
 
-        def assign(actor, model: str) -> bool:
-            job = sched.next_job(model)
-            if job is None:
-                return False
-            attempts[job] = attempts.get(job, 0) + 1
-            ref = actor.run_job.options(name=f"{job.model} / {job.task}").remote(job.task, prompts_ref)
-            inflight[ref] = (actor, model, job)
-            return True
+    def _retire(self, actor, model: str) -> None:
+        import ray
 
-        def retire(actor, model: str) -> None:
-            ray.kill(actor)
-            sched.worker_stopped(model)
+        ray.kill(actor)
+        self.sched.worker_stopped(model)
 
-        while sched.has_waiting() or inflight:
-            while (model := sched.model_for_new_worker()) is not None:
-                serial[model] = serial.get(model, 0) + 1
-                slots = width[model]
-                actor = worker_cls.options(
-                    name=f"{model} #{serial[model]} [{opts.run_id}]",
-                    num_gpus=slots if gpu_mode else 0,
-                    num_cpus=0 if gpu_mode else 1,
-                    resources=dict(specs[model].resources),
-                    max_restarts=0,
-                ).remote(opts.run_id, specs[model].model_dump(mode="json"), tasks_json,
-                         slots if gpu_mode else 0, hub, writer)
-                sched.worker_started(model)
-                assign(actor, model)
-            if not inflight:
+    def _start_workers(self) -> None:
+        while (model := self.sched.model_for_new_worker()) is not None:
+            self.serial[model] = self.serial.get(model, 0) + 1
+            slots = self.width[model]
+            actor = self.worker_cls.options(
+                name=f"{model} #{self.serial[model]} [{self.opts.run_id}]",
+                num_gpus=slots if self.gpu_mode else 0,
+                num_cpus=0 if self.gpu_mode else 1,
+                resources=dict(self.specs[model].resources),
+                max_restarts=0,
+            ).remote(self.opts.run_id, self.specs[model].model_dump(mode="json"), self.tasks_json,
+                     slots if self.gpu_mode else 0, self.hub, self.writer)
+            self.sched.worker_started(model)
+            self._assign(actor, model)
+
+    def _loop(self) -> None:
+        import ray
+
+        while self.sched.has_waiting() or self.inflight:
+            self._start_workers()
+            if not self.inflight:
                 break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
-            bars.update(ray.get(hub.snapshot.remote()))
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=POLL_S)
+            self.bars.update(ray.get(self.hub.snapshot.remote()))
             for ref in ready:
-                actor, model, job = inflight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    sched.worker_stopped(model)
-                    if attempts[job] < MAX_ATTEMPTS:
-                        print(f"\nworker for {job} died ({type(exc).__name__}); resuming the job on a new worker", flush=True)
-                        sched.requeue(job)
-                    else:
-                        fail(job, f"worker died {attempts[job]} times; last: {exc}")
-                    continue
-                if result["device"] not in outcome.devices:
-                    outcome.devices.append(result["device"])
-                if result.get("disk_full"):
-                    raise _DiskFull(f"writing {store.run_dir} ({job}): {result['error']}")
-                if result["ok"]:
-                    store.clear_failure(job.model, job.task)
-                    if not assign(actor, model):
-                        retire(actor, model)
-                    continue
-                fail(job, result["error"])
-                retire(actor, model)  # after an error (OOM...) the process state is suspect
-                if result["phase"] == "load":
-                    for dropped in sched.drop_model(model):
-                        fail(dropped, f"model did not load: {result['error']}")
-        bars.update(ray.get(hub.snapshot.remote()))
-        bars.close()
-    except (KeyboardInterrupt, _DiskFull) as exc:
-        if isinstance(exc, _DiskFull):
-            outcome.disk_full = str(exc)
-        else:
-            outcome.interrupted = True
-        try:  # count what the stopped jobs stored (their rows are safe in the log)
-            bars.update(ray.get(hub.snapshot.remote(), timeout=5))
-        except Exception:
-            pass
-    finally:
-        if bars is not None:
-            outcome.written = sum(bars.stored.values()) - sum(stored.values())
-        if writer is not None:
-            _close_writer(writer, outcome)
-        ray.shutdown()
-        ray_sessions.forget(ray_record)
-    return outcome
+                self._finished(ref, *self.inflight.pop(ref))
+
+    def _finished(self, ref, actor, model: str, job: Job) -> None:
+        """A worker's job returned (or its worker died): the next job, a retry, or a failure."""
+        import ray
+
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self.sched.worker_stopped(model)
+            if self.attempts[job] < MAX_ATTEMPTS:
+                print(f"\nworker for {job} died ({type(exc).__name__}); resuming the job on a new worker", flush=True)
+                self.sched.requeue(job)
+            else:
+                self._fail(job, f"worker died {self.attempts[job]} times; last: {exc}")
+            return
+        if result["device"] not in self.outcome.devices:
+            self.outcome.devices.append(result["device"])
+        if result.get("disk_full"):
+            raise _DiskFull(f"writing {self.store.run_dir} ({job}): {result['error']}")
+        if result["ok"]:
+            self.store.clear_failure(job.model, job.task)
+            if not self._assign(actor, model):
+                self._retire(actor, model)
+            return
+        self._fail(job, result["error"])
+        self._retire(actor, model)  # after an error (OOM...) the process state is suspect
+        if result["phase"] == "load":
+            for dropped in self.sched.drop_model(model):
+                self._fail(dropped, f"model did not load: {result['error']}")
 
 
 def _unplaceable(resources: dict[str, float], gpus: int) -> str | None:

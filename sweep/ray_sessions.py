@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from sweep.checkpoints import cache_root
+from sweep.presets import cache_root
 
 
 def _records() -> Path:

@@ -94,3 +94,15 @@ REFERENCE_SCHEMA = pa.schema([
     ("cost_s", pa.float64()),  # GPU time the check took, its idle pauses included
     ("started_at", pa.timestamp("us", tz="UTC")),
 ])
+
+
+# The power timeline of a worker's GPUs (sweep/meters/timeline.py), in runs/<id>/power/.
+POWER_SCHEMA = pa.schema([
+    ("model", pa.string()),  # the job open when the samples were written
+    ("task", pa.string()),
+    ("host", pa.string()),
+    ("gpu_index", pa.int32()),  # physical index, as gpu_index in the results
+    ("timestamp", pa.timestamp("us", tz="UTC")),
+    ("power_w", pa.float64()),  # null on a temperature sample
+    ("temperature_c", pa.float64()),  # null on a power sample
+])

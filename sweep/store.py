@@ -57,7 +57,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -69,7 +68,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from sweep.record import REFERENCE_SCHEMA, RESULT_SCHEMA  # noqa: F401  (readers import them from here too)
+from sweep.logs import warn
+from sweep.record import POWER_SCHEMA, REFERENCE_SCHEMA, RESULT_SCHEMA  # noqa: F401  (readers import them from here too)
 
 # Rows reach Parquet when this many are waiting, or this long after the last part file.
 FLUSH_ROWS = 64
@@ -145,10 +145,6 @@ class RunBusy(Exception):
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _fsync(path: Path) -> None:
@@ -493,8 +489,6 @@ class RunStore:
     def read_power(self, filter=None, files: list[Path] | None = None) -> pa.Table:
         """The power timeline (POWER_SCHEMA), of `files` or of the whole run; a damaged
         file is set aside."""
-        from sweep.meters.timeline import POWER_SCHEMA
-
         tables = []
         for path in self.power_files() if files is None else files:
             try:

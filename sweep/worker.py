@@ -24,6 +24,7 @@ from sweep.config import ModelSpec, TasksFile
 from sweep.prompts import Prompt
 from sweep.quality import mean_power_w, row_flags
 from sweep.record import ResultRow
+from sweep.logs import warn
 from sweep.store import is_disk_full
 
 # A job still held by a writer of a killed driver is asked for again this often, this long.
@@ -66,7 +67,7 @@ def _start_timeline(num_gpus: int, device: dict):
     try:
         return PowerTimeline(num_gpus, physical, device["host"])
     except Exception as exc:
-        print(f"warning: no power timeline ({type(exc).__name__}: {exc}); prefill/decode energy stays empty", flush=True)
+        warn(f"no power timeline ({type(exc).__name__}: {exc}); energy is measured as before, the UI shows no power")
         return None
 
 
@@ -223,7 +224,7 @@ class Worker:
                     try:
                         self._write_power(job, task_name)
                     except Exception as exc:  # samples are lost, never the rows: the job still closes
-                        print(f"warning: power samples of {model} / {task_name} not stored: {exc}", flush=True)
+                        warn(f"power samples of {model} / {task_name} not stored: {exc}")
                     job.close()
         except Exception as exc:
             cause = _cause(exc)  # a full disk at the writer reads as OSError(ENOSPC) here too
@@ -249,7 +250,7 @@ class Worker:
 
     def _drop_timeline(self, why: str) -> None:
         """The timeline is an addition: a fault in it stops it, never the job or a row."""
-        print(f"warning: {why}; the power timeline stops, prefill/decode energy stays empty", flush=True)
+        warn(f"{why}; the power timeline stops (energy is measured as before)")
         self.timeline = None
 
     def _write_power(self, writer, task: str) -> None:

@@ -27,7 +27,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep.store import JobWriter, RunStore, job_slug, warn
+from sweep.logs import warn
+from sweep.store import JobWriter, RunStore, job_slug
 
 
 class StaleJob(Exception):

@@ -120,8 +120,8 @@ def _sharegpt(path, texts):
 
 def _started_run(tmp_path, texts):
     """A run folder as a first session leaves it (manifest, prompts), on a ShareGPT file."""
-    from sweep.cli import _inputs
     from sweep.manifest import new_manifest, prompts_digest
+    from sweep.session import Request, load_inputs
 
     data = _sharegpt(tmp_path / "data.json", texts)
     models = write_yaml(tmp_path / "models.yaml", {"models": [{"name": "a", "path": "random:llama-tiny"}]})
@@ -129,10 +129,8 @@ def _started_run(tmp_path, texts):
     spec = write_yaml(tasks, {**__import__("yaml").safe_load(tasks.read_text()),
                               "prompts": {"dataset": str(data), "num_prompts": 3, "seed": 0}})
 
-    class Args:
-        config, tasks, max_prompts, max_new_tokens, cpu_workers, only_tasks = str(models), str(spec), None, None, 1, None
-
-    m, t, prompt_set = _inputs(Args)
+    inputs = load_inputs(Request(config=str(models), tasks=str(spec)))
+    m, t, prompt_set = inputs.models, inputs.tasks, inputs.prompt_set
     store = RunStore(tmp_path / "runs" / "r")
     store.create()
     store.write_prompts(prompt_set.prompts)
@@ -248,7 +246,7 @@ def test_a_prompts_file_of_the_wrong_shape_is_set_aside(tmp_path, capsys, table)
 # -- 15, 16. rows and imports the UI must survive ------------------------------------------------
 def test_the_model_detail_shows_rows_without_a_start_time(tmp_path):
     from ui.data import RunsFolder
-    from ui.detail import model_detail
+    from ui.tabs.detail import model_detail
 
     rows = [dict(r, started_at=None) for r in _rows("a", 3)]
     make_run(tmp_path, "r", [rows, _rows("b", 2)])
@@ -272,7 +270,7 @@ def test_an_imported_infinite_figure_reads_as_missing(tmp_path):
 
 # -- messages: a damaged power file is named as one ----------------------------------------------
 def test_a_damaged_power_file_is_named_when_compacting(tmp_path, capsys):
-    from sweep.meters.timeline import POWER_SCHEMA
+    from sweep.record import POWER_SCHEMA
 
     store = make_run(tmp_path, "r", [_rows("a", 3)])
     slug = job_slug("a", "chat")

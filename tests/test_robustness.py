@@ -118,7 +118,7 @@ def test_sigterm_stops_like_ctrl_c_and_a_second_driver_is_refused(tmp_path):
 
 
 def test_a_second_interrupt_ends_the_process_at_once(monkeypatch):
-    import sweep.cli as cli
+    import sweep.session as session
 
     class Exited(BaseException):
         pass
@@ -129,11 +129,11 @@ def test_a_second_interrupt_ends_the_process_at_once(monkeypatch):
         done.append(code)
         raise Exited
 
-    monkeypatch.setattr(cli, "_end_children", lambda: done.append("children"))
-    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(session, "_end_children", lambda: done.append("children"))
+    monkeypatch.setattr(session.os, "_exit", exit_now)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Exited):
-        with cli._interrupts(lambda: done.append("session closed")):
+        with session._interrupts(lambda: done.append("session closed")):
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), signal.SIGTERM)  # the first: stop cleanly
                 time.sleep(5)

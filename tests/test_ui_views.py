@@ -121,7 +121,7 @@ def test_detail_timeline_and_validation_column(tmp_path):
 
     import pyarrow as pa
 
-    from sweep.meters.timeline import POWER_SCHEMA
+    from sweep.record import POWER_SCHEMA
     from sweep.store import job_slug
     from tests.helpers import make_run, synthetic_rows
     from ui import charts

@@ -1,4 +1,4 @@
-"""Quality flags per row, the power timeline's integral, and `sweep validate`'s checks:
+"""Quality flags per row, the power timeline, and `sweep validate`'s checks:
 each with a case that passes and one that fails. GPU readings are faked the way Zeus's
 own tests do (its GPU objects replaced); the end-to-end cases are in test_sweep.py."""
 
@@ -102,18 +102,6 @@ def test_meter_readings_through_zeus(fake_gpu, readings, energy, zero, reset):
 
 
 # -- the power timeline ------------------------------------------------------------------
-def test_step_integral_by_hand():
-    from sweep.meters.timeline import integrate_j
-
-    t, p = [10.0, 11.0, 13.0], [100.0, 300.0, 200.0]
-    # [10.5, 12]: 100 W for 0.5 s, then 300 W for 1 s
-    assert integrate_j(t, p, 10.5, 12.0) == pytest.approx(50.0 + 300.0)
-    # past the last sample its reading holds; before the first, the first reading is assumed
-    assert integrate_j(t, p, 12.0, 14.0) == pytest.approx(300.0 + 200.0)
-    assert integrate_j(t, p, 9.0, 10.0) == pytest.approx(100.0)
-    assert integrate_j([], [], 0.0, 1.0) is None
-
-
 class FakePowerMonitor:
     def __init__(self):
         self.samples = {0: [], 1: []}
@@ -122,21 +110,18 @@ class FakePowerMonitor:
         return {i: [s for s in samples if start_time is None or s[0] >= start_time] for i, samples in self.samples.items()}
 
 
-def test_timeline_energy_over_gpus_and_samples_written_once():
+def test_timeline_samples_are_written_once():
     from sweep.meters.timeline import PowerTimeline
 
     power = FakePowerMonitor()
     timeline = PowerTimeline(2, [4, 5], "h", power_monitor=power, temperature_monitor=None)
     power.samples[0] += [(100.0, 200.0), (101.0, 400.0)]
     power.samples[1] += [(100.0, 100.0)]
-    assert timeline.energy_j(100.0, 101.0, 102.0) == pytest.approx([200.0 + 100.0, 400.0 + 100.0])
     first = timeline.take("m", "chat").to_pandas()
     assert len(first) == 3 and set(first["gpu_index"]) == {4, 5} and first["temperature_c"].isna().all()
     power.samples[0] += [(103.0, 250.0)]
     second = timeline.take("m", "chat").to_pandas()
     assert len(second) == 1 and second["power_w"].tolist() == [250.0]  # nothing twice
-    # windows start after the samples handed out; the last reading before one still holds in it
-    assert timeline.energy_j(104.0, 106.0) == pytest.approx([2 * 250.0 + 2 * 100.0])
 
 
 # -- validate's checks ------------------------------------------------------------------
@@ -267,7 +252,7 @@ def test_power_files_of_a_job_are_merged_with_its_rows(tmp_path):
 def test_a_merge_of_power_files_cut_short_leaves_no_sample_twice(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from sweep.meters.timeline import POWER_SCHEMA
+    from sweep.record import POWER_SCHEMA
     from sweep.store import RunStore, job_slug
 
     store = RunStore(tmp_path / "r")

@@ -23,7 +23,8 @@ import pyarrow.dataset as ds
 from sweep.aggregate import PART_FILE, finish, partials, results_dataset
 from sweep.report import AGGREGATES_FILE, read_imported
 from sweep import validate
-from sweep.store import PartsChanged, RunStore, job_slug, part_job, warn
+from sweep.logs import warn
+from sweep.store import PartsChanged, RunStore, job_slug, part_job
 
 # Columns of the leaderboard, in order, with their (short) headers; units in the header.
 DISPLAY = {

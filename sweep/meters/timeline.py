@@ -1,58 +1,29 @@
-"""A power (and temperature) timeline of the worker's own GPUs, and energy from it.
+"""A power (and temperature) timeline of the worker's own GPUs, as NVML reports them.
 
 Zeus's `PowerMonitor` polls each GPU's instant power in a process of its own (no GIL
-shared with the decode loop) and keeps a sample only when the reading changes, so a
-reading holds until the next sample: energy over [t0, t1] is the integral of that step
-function (`integrate_j`). The timeline splits a request's energy into prefill
-([start, first token]) and decode ([first token, end]), which the energy counter,
-moving every ~100 ms, cannot. Samples reach `runs/<id>/power/` in part files.
+shared with the decode loop) and keeps a sample only when the reading changes (about
+every 100 ms on the GPUs measured so far, whatever the poll period); `TemperatureMonitor`
+adds temperatures every second. Samples reach `runs/<id>/power/` in part files: the UI
+draws them beside each request, and `validate` checks the temperatures. A request's
+energy, and its split into prefill and decode, come from the energy counter
+(sweep/meters/attribution.py), which the power readings are too coarse for.
 """
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-# 50 Hz: a prefill of tens of milliseconds gets a sample or two; the poller runs in
-# its own process and sends only changed readings.
-POLL_PERIOD_S = 0.02
+from sweep.record import POWER_SCHEMA
+
+# NVML's power reading changes about every 100 ms: polling twice as often sees every
+# change (faster polls add NVML calls beside the energy counter's poller, and nothing else).
+POLL_PERIOD_S = 0.05
 TEMPERATURE_PERIOD_S = 1.0
-# Zeus keeps at most this many samples per GPU (200 s at 50 Hz, more as it keeps only
-# changed readings). They are copied out after every request, and each copy walks all of
-# them in Python between requests: small enough to cost a few ms, large enough for a request.
+# Zeus keeps at most this many samples per GPU (changed readings only). They are copied
+# out every POWER_WRITE_S, walked in Python: small enough to cost little, long enough.
 MAX_SAMPLES_PER_GPU = 10_000
-
-POWER_SCHEMA = pa.schema([
-    ("model", pa.string()),  # the job open when the samples were written
-    ("task", pa.string()),
-    ("host", pa.string()),
-    ("gpu_index", pa.int32()),  # physical index, as gpu_index in the results
-    ("timestamp", pa.timestamp("us", tz="UTC")),
-    ("power_w", pa.float64()),  # null on a temperature sample
-    ("temperature_c", pa.float64()),  # null on a power sample
-])
-
-
-def integrate_j(times_s: list[float], power_w: list[float], t0: float, t1: float) -> float | None:
-    """Energy (J) over [t0, t1] of one GPU's samples (sorted times, each reading holding
-    until the next). Before the first sample the first reading is assumed; None when
-    there is no sample at all."""
-    if not times_s:
-        return None
-    if t1 <= t0:
-        return 0.0
-    i = max(bisect.bisect_right(times_s, t0) - 1, 0)
-    energy, t, p = 0.0, t0, power_w[i]
-    for j in range(i + 1, len(times_s)):
-        if times_s[j] >= t1:
-            break
-        if times_s[j] > t:
-            energy += p * (times_s[j] - t)
-            t = times_s[j]
-        p = power_w[j]
-    return energy + p * (t1 - t)
 
 
 @dataclass
@@ -66,7 +37,6 @@ class PowerTimeline:
     """Samples the worker's GPUs 0..n-1 (positions in CUDA_VISIBLE_DEVICES); `physical`
     are their physical indices, as stored. Raises when Zeus cannot monitor them."""
 
-    method = f"power timeline, {POLL_PERIOD_S * 1e3:g} ms NVML poll, step integral"
 
     def __init__(self, num_gpus: int, physical: list[int], host: str, power_monitor=None,
                  temperature_monitor=None) -> None:
@@ -105,19 +75,9 @@ class PowerTimeline:
                 if timeline:
                     self._temp_seen[i] = max(seen, max(t for t, _ in timeline))
 
-    def energy_j(self, *bounds: float) -> list[float | None]:
-        """Energy (J) of all the worker's GPUs over each interval between consecutive
-        `bounds` (time.time() clock): (start, first token, end) -> [prefill, decode]."""
-        self._collect()
-        out = []
-        for t0, t1 in zip(bounds, bounds[1:]):
-            parts = [integrate_j(g.times_s, g.power_w, t0, t1) for g in self._gpus.values()]
-            out.append(None if any(p is None for p in parts) else float(sum(parts)))
-        return out
-
     def take(self, model: str, task: str) -> pa.Table:
         """Samples not yet handed out, as a table of POWER_SCHEMA. The last sample of each
-        GPU stays in memory: the next window's integral starts from it."""
+        GPU stays in memory: the next samples are those after it."""
         self._collect()
         rows: dict[str, list] = {name: [] for name in POWER_SCHEMA.names}
 

@@ -1,8 +1,12 @@
-"""The model detail view: one (run, model, task)'s distributions, sample responses and
-power timeline, from the runs folder."""
+"""The model detail tab: one (run, model, task)'s distributions, sample responses (with how
+each energy was obtained), power timeline and reference checks."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
+import gradio as gr
 import pandas as pd
 from gradio.components.plot import PlotData
 
@@ -88,3 +92,83 @@ def model_detail(folder: RunsFolder, run_id: str | None, model: str | None, task
     return (summary, plot_data(energy), energy_note, plot_data(length), samples, plot_data(line),
             views.timeline_note(sub, len(first), line is not None),
             reference_note(folder.references(run_id, model, task)))
+
+
+@dataclass
+class Detail:
+    run: gr.Dropdown
+    model: gr.Dropdown
+    task: gr.Dropdown
+    summary: gr.Markdown
+    energy: gr.Plot
+    energy_note: gr.Markdown
+    length: gr.Plot
+    samples: gr.Dataframe
+    timeline: gr.Plot
+    timeline_note: gr.Markdown
+    checks: gr.Markdown
+
+    @property
+    def outputs(self) -> list:
+        """One component per value of `model_detail`, in its order."""
+        return [self.summary, self.energy, self.energy_note, self.length, self.samples, self.timeline,
+                self.timeline_note, self.checks]
+
+
+def build() -> Detail:
+    # allow_custom_value: a run's switch sends the previous run's model and task along, and
+    # the handlers replace what the new run lacks.
+    with gr.Row():
+        run = gr.Dropdown(label="Run", elem_id="detail-run", allow_custom_value=True)
+        model = gr.Dropdown(label="Model", elem_id="detail-model", allow_custom_value=True)
+        task = gr.Dropdown(label="Task", elem_id="detail-task", allow_custom_value=True)
+    summary = gr.Markdown(elem_id="detail-summary")
+    with gr.Row():
+        with gr.Column():
+            energy = gr.Plot(label="Energy per response", elem_id="detail-energy")
+            energy_note = gr.Markdown(elem_id="detail-energy-note")
+        length = gr.Plot(label="Response length", elem_id="detail-length")
+    timeline = gr.Plot(label="Power timeline", elem_id="detail-timeline")
+    timeline_note = gr.Markdown(elem_id="detail-timeline-note")
+    samples = gr.Dataframe(interactive=False, wrap=True, label="Sample prompts and responses", elem_id="detail-samples")
+    checks = gr.Markdown(elem_id="detail-checks")
+    return Detail(run, model, task, summary, energy, energy_note, length, samples, timeline, timeline_note, checks)
+
+
+def pick(folder: RunsFolder, run_id, model, task) -> tuple:
+    """Dropdowns of the model detail for a run (keeping the model and task where the run
+    has them), then the detail itself."""
+    jobs = folder.jobs(run_id) if run_id else None
+    if not jobs or not jobs[0]:
+        return (gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None),
+                *model_detail(folder, None, None, None))
+    models, tasks = jobs
+    model = model if model in models else models[0]
+    task = task if task in tasks else ("chat" if "chat" in tasks else tasks[0])
+    return (gr.Dropdown(choices=models, value=model), gr.Dropdown(choices=tasks, value=task),
+            *model_detail(folder, run_id, model, task))
+
+
+def _link_text(cell) -> str:
+    m = re.match(r"^\[(.*)\]\((.*)\)$", str(cell), re.S)
+    return m.group(1) if m else str(cell)
+
+
+def open_from_row(folder: RunsFolder, run_choices: list[str], df: pd.DataFrame, evt: gr.SelectData) -> tuple:
+    """A click on a leaderboard row: that model's detail, in a run with its rows (the tab,
+    the run dropdown, then `pick`'s values)."""
+    if df is None or df.empty or evt.index is None:
+        return (gr.skip(),) * (4 + len(nothing("")))
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    shown = _link_text((evt.row_value or [None])[0]) if evt.row_value else None
+    chosen = df.iloc[row] if row < len(df) and (shown is None or df.iloc[row]["model"] == shown) else None
+    model = chosen["model"] if chosen is not None else shown
+    agg = folder.aggregates()
+    held = agg[(agg["model"] == model) & agg["run_id"].isin(run_choices)]
+    if held.empty:  # e.g. a model of the imported 2023 results: published means only
+        return (gr.Tabs(selected="detail"), gr.skip(), gr.skip(), gr.skip(),
+                *nothing(f"**{model}**: no run in this folder holds its per-request rows (imported results "
+                             f"hold means only): no distributions to show."))
+    run = chosen["run_id"] if chosen is not None and chosen["run_id"] in set(held["run_id"]) else held["run_id"].iloc[0]
+    task = chosen["task"] if chosen is not None else None
+    return (gr.Tabs(selected="detail"), gr.Dropdown(value=run), *pick(folder, run, model, task))
