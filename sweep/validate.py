@@ -367,9 +367,11 @@ def validate(store: RunStore) -> list[Expectation]:
 
 
 def job_status(expectations: list[Expectation]) -> pd.DataFrame:
-    """Per (model, task): "ok", "warning" or "error": the worst failed check about it."""
+    """Per (model, task): "ok", "warning" or "error" (the worst failed check about it), and
+    what failed (`validation_detail`: each failed check's name and message, worst first)."""
     rank = {"ok": 0, WARNING: 1, ERROR: 2}
     worst: dict[tuple[str, str], str] = {}
+    failed: dict[tuple[str, str], list[tuple[int, str]]] = {}
     for e in expectations:
         if e.model is None:
             continue
@@ -377,8 +379,12 @@ def job_status(expectations: list[Expectation]) -> pd.DataFrame:
         level = "ok" if e.passed else e.severity
         if rank[level] >= rank[worst.get(key, "ok")]:
             worst[key] = level
-    return pd.DataFrame([{"model": m, "task": t, "validation": s} for (m, t), s in worst.items()],
-                        columns=["model", "task", "validation"])
+        if not e.passed:
+            what = e.message.split(": ", 1)[-1] if e.message.startswith(f"{e.model} / {e.task}") else e.message
+            failed.setdefault(key, []).append((-rank[e.severity], f"{e.check}: {what}"))
+    return pd.DataFrame([{"model": m, "task": t, "validation": s,
+                          "validation_detail": "; ".join(x for _, x in sorted(failed.get((m, t), []))) or None}
+                         for (m, t), s in worst.items()], columns=["model", "task", "validation", "validation_detail"])
 
 
 def as_records(expectations: list[Expectation]) -> list[dict]:

@@ -20,12 +20,12 @@ def test_valid(formula, expected):
     assert evaluate(formula, TABLE).tolist() == pytest.approx(expected)
 
 
-def test_division_by_zero_gives_inf_not_an_error():
-    assert np.isinf(evaluate("energy / 0", TABLE)).all()
+def test_division_by_zero_gives_an_empty_cell_not_an_error_or_inf():
+    assert evaluate("energy / 0", TABLE).isna().all()
 
 
 def test_huge_powers_overflow_instead_of_hanging():
-    assert np.isinf(evaluate("9 ** 9 ** 9 ** 9", TABLE)).all()
+    assert evaluate("9 ** 9 ** 9 ** 9", TABLE).isna().all()
 
 
 @pytest.mark.parametrize("formula", [

@@ -19,6 +19,7 @@ from sweep.store import RunStore
 from tests.helpers import ROOT, kill_worker_and_finish, run_sweep_cli, tasks_yaml, write_yaml
 
 LINEUP = ROOT / "models.yaml"
+MAX_NEW = 160
 REQUIRED = ["run_id", "model", "task", "gpu_name", "gpu_index", "prompt_id", "prompt_tokens", "response_tokens",
             "latency_s", "throughput_tok_s", "energy_j", "response", "started_at", "backend", "dtype", "temperature"]
 
@@ -32,7 +33,8 @@ def _spans(df):
 def default_run(tmp_path_factory):
     """The shipped lineup, two CPU workers, 2 tasks x 6 prompts."""
     tmp = tmp_path_factory.mktemp("default")
-    tasks = tasks_yaml(tmp, max_new_tokens=48)
+    # long enough responses that the two workers overlap even when one starts seconds late
+    tasks = tasks_yaml(tmp, max_new_tokens=MAX_NEW)
     out = tmp / "runs"
     t0 = time.time()
     proc = run_sweep_cli("--config", LINEUP, "--tasks", tasks, "--out", out, "--run-id", "r",
@@ -58,8 +60,8 @@ def test_default_lineup_two_workers(default_run):
     # CPU: no energy counter, so no number, and the row says why
     assert df["energy_j"].isna().all() and (df["energy_note"] == "no GPU energy counter (CPU run)").all()
     assert (df["dtype"] == "float32").all() and (df["temperature"] == 0.7).all()
-    assert (df["response_tokens"] <= 48).all() and (df["response_tokens"] > 0).any()
-    assert ((df["response_tokens"] == 48) == (df["stop_reason"] == "length")).all()
+    assert (df["response_tokens"] <= MAX_NEW).all() and (df["response_tokens"] > 0).any()
+    assert ((df["response_tokens"] == MAX_NEW) == (df["stop_reason"] == "length")).all()
     assert ((df["throughput_tok_s"] - df["response_tokens"] / df["latency_s"]).abs() < 1e-6).all()
     # the same prompts for every model and task
     ids = df.groupby(["model", "task"])["prompt_id"].apply(frozenset)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -95,8 +96,18 @@ def test_ranking_and_columns_by_default():
     shown = display_table(agg, [])
     assert len(shown.columns) <= len(DEFAULT_COLUMNS) and "run" not in shown
     assert shown["params"].tolist() == ["410M", "7B"]
-    assert {"TTFT (s)", "above idle (J)", "backend"} <= set(shown)
-    assert "run" in display_table(agg, [], DEFAULT_COLUMNS + ["run_id"])
+    # quality beside the numbers: the interval and the flagged share (in %) by default
+    assert {"flagged (%)", "backend"} <= set(shown) and "TTFT (s)" not in shown
+    assert shown["flagged (%)"].tolist() == [0.0, 0.0]
+    spread = _agg(synthetic_rows("r", "a", "chat", [300.0, 310.0], [100, 100], latency=[0.5, 0.5]))
+    assert display_table(spread, [])["95% CI (J)"].tolist() == ["241.5 – 368.5"]
+    assert display_table(spread, [])["flagged (%)"].tolist() == [100.0]  # both one-window readings under 1 s
+    assert "TTFT (s)" in display_table(agg, [], DEFAULT_COLUMNS + ["ttft"])
+    # the run column where it tells rows apart: two runs in view
+    two = pd.concat([agg, agg.assign(run_id="r2")], ignore_index=True)
+    assert display_table(two, [])["run"].tolist() == ["r", "r", "r2", "r2"]
+    failed = agg.assign(validation=["warning", "ok"], validation_detail=["flagged_share: 100% of rows flagged", None])
+    assert display_table(failed, [])["check"].tolist() == ["warning: flagged_share: 100% of rows flagged", "ok"]
 
 
 def test_best_row_per_model_within_a_deadline_and_a_budget():
@@ -149,3 +160,16 @@ def test_detail_timeline_and_validation_column(tmp_path):
     assert [layer["mark"]["type"] for layer in spec["layer"]] == ["rect", "rule", "line"]
     assert "decode 95.0 J per response; decode 1.939 J/token" in timeline_note(sub, 4, True)
     assert "No power timeline" in timeline_note(sub, 4, False)
+
+
+def test_a_pareto_front_per_model_across_its_configurations():
+    """Model a on two GPUs is a trade-off (fast and hungry, slow and frugal): both on its
+    front. Model a's third configuration, slower and hungrier, is not. Model b's only one is."""
+    from ui.views import time_energy_frame
+
+    agg = _agg(synthetic_rows("r", "a", "chat", [500.0], [100], latency=[1.0]),
+               synthetic_rows("r", "a", "chat", [200.0], [100], latency=[4.0], gpu_name="NVIDIA A100"),
+               synthetic_rows("r", "a", "chat", [600.0], [100], latency=[5.0], gpu_name="NVIDIA H100 PCIe"),
+               synthetic_rows("r", "b", "chat", [900.0], [100], latency=[2.0]))
+    f = time_energy_frame(agg).set_index(["model", "gpu"])["front"]
+    assert f.to_dict() == {("a", "H200"): True, ("a", "A100"): True, ("a", "H100 PCIe"): False, ("b", "H200"): True}

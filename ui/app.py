@@ -24,8 +24,17 @@ INTRO = (
     "compare them. What each column means is under the table; how it is measured, in **About**."
 )
 SKIP = gr.skip
-# For launch(css=CSS): long model names wrap inside their cell instead of widening the table past the page.
-CSS = "#leaderboard td, #limits-table td, #verbosity td { overflow-wrap: anywhere; }"
+# For launch(css=CSS): a number or a word never breaks inside itself; a table wider than its
+# place scrolls sideways inside it; charts take their container's width.
+_TABLES = ("#leaderboard", "#limits-table", "#verbosity", "#compare-table", "#detail-samples")
+CSS = (", ".join(f"{t} td, {t} th, {t} th *" for t in _TABLES)
+       + " { white-space: nowrap; overflow-wrap: normal; word-break: keep-all; } "
+       "#leaderboard td:first-child { white-space: normal; word-break: normal; min-width: 9em; } "
+       "#leaderboard td:last-child { white-space: normal; word-break: normal; min-width: 14em; max-width: 28em; } "
+       "#detail-samples td { word-break: normal; } "
+       "#leaderboard .table-wrap, #limits-table .table-wrap, #verbosity .table-wrap, #compare-table .table-wrap, "
+       "#detail-samples .table-wrap { overflow-x: auto; } "
+       ".gradio-container .vega-embed { width: 100% !important; }")
 
 
 def _choices(agg: pd.DataFrame) -> tuple[list, list, list, list]:
@@ -35,11 +44,22 @@ def _choices(agg: pd.DataFrame) -> tuple[list, list, list, list]:
     return values("run_id"), values("gpu"), values("task"), values("backend")
 
 
-def _default_gpus(agg: pd.DataFrame) -> list[str]:
-    """One GPU: the one with the most measured (model, task) figures, so a model is listed once."""
+def _newest_run(agg: pd.DataFrame, manifests: dict) -> str | None:
+    """The per-request run started last (what a user just made), else any run."""
+    sweeps = {r: (m.get("started_at") or "") for r, m in manifests.items() if m.get("kind") != "aggregate-only"}
+    sweeps = {r: t for r, t in sweeps.items() if r in set(agg["run_id"])}
+    if sweeps:
+        return max(sweeps, key=lambda r: (sweeps[r], r))
+    return agg["run_id"].iloc[0] if len(agg) else None
+
+
+def _default_gpus(agg: pd.DataFrame, run: str | None = None) -> list[str]:
+    """One GPU, so a model is listed once: of the newest run where there is one, the one with
+    the most measured (model, task) figures."""
     if agg.empty:
         return []
-    counts = agg.assign(m=agg["energy"].notna()).groupby("gpu").agg(m=("m", "sum"), n=("m", "size"))
+    sub = agg[agg["run_id"] == run] if run is not None and (agg["run_id"] == run).any() else agg
+    counts = sub.assign(m=sub["energy"].notna()).groupby("gpu").agg(m=("m", "sum"), n=("m", "size"))
     return [counts.sort_values(["m", "n"], ascending=False).index[0]]
 
 
@@ -93,10 +113,10 @@ class _Page:
               vgpu, vmeasure, kind, kept=None):
         f = self.folder
         b = leaderboard.board(f, self.csv_dir, runs, gpus, task, backends, custom_cols, columns, rank_by)
-        dl, db, (dval, bval), maxima = limits.ranges(f, runs, task, kind, kept)
+        dl, db, (dval, bval), maxima = limits.ranges(f, runs, gpus, task, backends, kind, kept)
         return (*b, *plots.view(f, b[3], x, y, colour, log, score), *verbosity.view(f, runs, gpus, backends, vgpu,
                                                                                   vmeasure),
-                dl, db, *limits.view(f, runs, task, kind, dval, bval), maxima)
+                dl, db, *limits.view(f, runs, gpus, task, backends, kind, dval, bval), maxima)
 
     # -- the timer: what changed in the runs folder ---------------------------------------------
     def refresh_inputs(self) -> list:
@@ -121,7 +141,7 @@ class _Page:
             return tuple(SKIP() for _ in self.refresh_outputs())
         # keep the user's choices; new runs come in ticked, new GPUs only where none is ticked
         runs = [r for r in all_runs if r in (runs or []) or r not in (old_runs or [])]
-        gpus = [g for g in all_gpus if g in (gpus or [])] or _default_gpus(agg)
+        gpus = [g for g in all_gpus if g in (gpus or [])] or _default_gpus(agg, _newest_run(agg, manifests))
         backends = [b for b in all_backends if b in (backends or []) or b not in (old_backends or [])]
         task = task if task in all_tasks else ("chat" if "chat" in all_tasks else (all_tasks[0] if all_tasks else None))
         same_choices = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
@@ -150,16 +170,18 @@ def _layout(folder: RunsFolder, runs_root) -> _Page:
     """The components, in the page's order (inside a gr.Blocks)."""
     agg0 = folder.aggregates()
     runs0, gpus0, tasks0, backends0 = _choices(agg0)
+    newest = _newest_run(agg0, {r: folder.manifest(r) for r in runs0})
+    candidates = (sorted(agg0.loc[agg0["run_id"] == newest, "task"].unique()) if newest else []) or tasks0
+    task0 = "chat" if "chat" in candidates else (candidates[0] if candidates else None)
     nums0 = numeric_columns(agg0) or ["parameters", "energy"]
     custom, filtered = gr.State([]), gr.State(pd.DataFrame())  # [(name, formula)]; the view's frame
     gr.Markdown("# LLM energy leaderboard\n" + INTRO)
     live = gr.Markdown(elem_id="live-status")
     with gr.Row():
         runs_in = gr.CheckboxGroup(runs0, value=runs0, label="Runs", elem_id="runs-filter")
-        gpus_in = gr.CheckboxGroup(gpus0, value=_default_gpus(agg0), label="GPUs", elem_id="gpus-filter")
+        gpus_in = gr.CheckboxGroup(gpus0, value=_default_gpus(agg0, newest), label="GPUs", elem_id="gpus-filter")
         backends_in = gr.CheckboxGroup(backends0, value=backends0, label="Backends", elem_id="backends-filter")
-        task_in = gr.Radio(tasks0, value="chat" if "chat" in tasks0 else (tasks0[0] if tasks0 else None),
-                           label="Task", elem_id="task-filter")
+        task_in = gr.Radio(tasks0, value=task0, label="Task", elem_id="task-filter")
     filters = [runs_in, gpus_in, task_in, backends_in]  # the order every handler takes them in
     with gr.Tabs(elem_id="tabs") as tabs:
         with gr.Tab("Leaderboard", id="board"):
@@ -205,15 +227,18 @@ def _wire(p: _Page) -> None:
                    p.verb.outputs, api_name=False)
     lim = p.lim
 
-    def on_kind(runs, task, kind):
-        dl, db, (dval, bval), maxima = limits.ranges(f, runs, task, kind)
-        return dl, db, *limits.view(f, runs, task, kind, dval, bval), maxima
+    def on_kind(runs, gpus, task, backends, kind, budget, maxima):
+        # The deadline changes unit; an energy budget the user set stays.
+        kept = (None, budget, (None, maxima[1] if maxima else None)) if maxima else None
+        dl, db, (dval, bval), new_max = limits.ranges(f, runs, gpus, task, backends, kind, kept)
+        return dl, db, *limits.view(f, runs, gpus, task, backends, kind, dval, bval), new_max
 
-    lim.kind.input(on_kind, [F[0], F[2], lim.kind], [lim.deadline, lim.budget, lim.table, lim.note, p.limit_max],
-                   api_name=False)
+    lim.kind.input(on_kind, F + [lim.kind, lim.budget, p.limit_max],
+                   [lim.deadline, lim.budget, lim.table, lim.note, p.limit_max], api_name=False)
     for comp in (lim.deadline, lim.budget):
-        comp.release(lambda *a: limits.view(f, *a), [F[0], F[2], lim.kind, lim.deadline, lim.budget],
-                     [lim.table, lim.note], api_name=False)
+        # Any change of the value: typed, by the keyboard, dragged (the last one of a drag wins).
+        comp.change(lambda *a: limits.view(f, *a), F + [lim.kind, lim.deadline, lim.budget], [lim.table, lim.note],
+                    api_name=False, trigger_mode="always_last", show_progress="hidden")
     b.add_col.click(lambda *a: leaderboard.add_column(f, p.csv_dir, *a),
                     [b.col_name, b.col_formula, p.custom] + F + [b.columns_in, b.rank_in],
                     [p.custom, b.col_msg, p.plot.x, p.plot.y] + board_out, api_name="add_column")

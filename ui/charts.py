@@ -34,7 +34,7 @@ UNITS = {
 PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
            "#bab0ac", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]
-WIDTH = 900
+WIDTH = "container"  # the chart takes its place's width, down to a phone's
 _PAD = {"left": 8, "top": 36, "right": 8, "bottom": 8}  # top: clear of the component's label
 
 
@@ -97,8 +97,8 @@ def scatter(df: pd.DataFrame, x: str, y: str, colour: str | None, domain: list[s
 
 
 def pareto(df: pd.DataFrame, domain: list[str], log: bool = False) -> dict | None:
-    """Latency vs energy, coloured by GPU, each GPU's Pareto front drawn as a line (df has
-    a boolean `front` column)."""
+    """Latency vs energy, coloured by GPU, each model's Pareto front across its
+    configurations drawn as a line (df has a boolean `front` column)."""
     data = _positive(df, ["latency", "energy"], log)
     if data.empty:
         return None
@@ -109,8 +109,9 @@ def pareto(df: pd.DataFrame, domain: list[str], log: bool = False) -> dict | Non
         {"field": "latency", "type": "quantitative", "format": ".3g"},
         {"field": "energy", "type": "quantitative", "format": ".4g"}]
     return {**_base(), "data": {"values": _records(data)}, "layer": [
-        {"transform": [{"filter": "datum.front"}], "mark": {"type": "line", "strokeWidth": 2},
-         "encoding": {"x": x, "y": y, "color": colour, "order": {"field": "latency", "type": "quantitative"}}},
+        {"transform": [{"filter": "datum.front"}], "mark": {"type": "line", "strokeWidth": 2, "color": "#888"},
+         "encoding": {"x": x, "y": y, "detail": {"field": "model", "type": "nominal"},
+                      "order": {"field": "latency", "type": "quantitative"}}},
         {"mark": {"type": "point", "filled": True, "size": 70},
          "encoding": {"x": x, "y": y, "color": colour, "tooltip": tip,
                       "shape": {"field": "front", "type": "nominal", "title": "on the front",
@@ -124,15 +125,17 @@ def verbosity_bars(v: pd.DataFrame, measure: str) -> dict | None:
     if data.empty:
         return None
     data = data[["label", "pair", measure]].rename(columns={measure: "saved"})
-    label_limit = 160
     x = {"field": "label", "type": "nominal", "title": None, "sort": None,
-         "axis": {"labelAngle": -35, "labelLimit": label_limit, "labelOverlap": False}}
+         "axis": {"labelAngle": -35, "labelLimit": 320, "labelOverlap": False}}
     enc = {"x": x, "xOffset": {"field": "pair", "type": "nominal"},
-           "y": {"field": "saved", "type": "quantitative", "title": measure, "stack": None},
+           "y": {"field": "saved", "type": "quantitative", "title": f"{measure} by the concise prompt", "stack": None,
+                 "axis": {"grid": True}},
            "color": _colour("pair", ["chat vs chat-concise", "instruct vs instruct-concise"], "task pair")}
-    text = {"mark": {"type": "text", "dy": -6, "fontSize": 10},
-            "encoding": {**enc, "text": {"field": "saved", "type": "quantitative", "format": ".1f"},
-                         "y": {**enc["y"], "axis": None}, "color": {"value": "#333"}}}
+    # A value's label sits beyond its bar's end: above a saving, below a negative one.
+    text = {"mark": {"type": "text", "fontSize": 10, "color": "#333"},
+            "encoding": {**{k: v for k, v in enc.items() if k != "color"},
+                         "text": {"field": "saved", "type": "quantitative", "format": ".1f"},
+                         "yOffset": {"condition": {"test": "datum.saved < 0", "value": 10}, "value": -6}}}
     bars = {"mark": {"type": "bar"}, "encoding": {**enc, "tooltip": [
         {"field": "label", "title": "model"}, {"field": "pair"},
         {"field": "saved", "type": "quantitative", "format": ".1f", "title": measure}]}}
@@ -166,8 +169,11 @@ def boxes(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[s
     return {**_base(300), "data": {"values": _records(data)}, "mark": {"type": "boxplot", "extent": 1.5},
             "encoding": {"x": {"field": group, "type": "nominal", "title": None, "sort": domain,
                                "axis": {"labelAngle": -20, "labelLimit": 200}},
-                         "y": {"field": field, "type": "quantitative", "title": title, "scale": _scale(log)},
-                         "color": {**_colour(group, domain), "legend": None}}}
+                         "y": {"field": field, "type": "quantitative", "title": title, "scale": _scale(log),
+                               "axis": {"format": "~g"}},
+                         "color": {**_colour(group, domain), "legend": None},
+                         "tooltip": [{"field": group}, {"field": field, "type": "quantitative", "format": ".4~g",
+                                                        "title": title}]}}
 
 
 def timeline(samples: pd.DataFrame, requests: pd.DataFrame, width: int = WIDTH) -> dict | None:

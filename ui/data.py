@@ -45,7 +45,7 @@ DISPLAY = {
     "ttft": "TTFT (s)",
     "throughput": "tok/s",
     "responses": "responses",
-    "flagged_share": "flagged",
+    "flagged_share": "flagged (%)",
     "validation": "check",
     "arc": "arc",
     "hellaswag": "hellaswag",
@@ -201,7 +201,7 @@ class RunsFolder:
             frames = [hit.aggregates for _, hit in hits if not hit.aggregates.empty]
             if frames:
                 agg = pd.concat(frames, ignore_index=True)
-                for col in NUMERIC + ["url", "energy_note", "validation"]:
+                for col in NUMERIC + ["url", "energy_note", "validation", "validation_detail"]:
                     if col not in agg:
                         agg[col] = np.nan
             else:  # every column a view reads, so that an empty folder shows empty views

@@ -64,7 +64,7 @@ def parse(formula: str, columns: list[str]) -> ast.Expression:
 
 
 def evaluate(formula: str, table: pd.DataFrame) -> pd.Series:
-    """The formula's value for every row of `table` (float; inf/NaN where undefined)."""
+    """The formula's value for every row of `table` (float; empty (NaN) where undefined)."""
     numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])]
     tree = parse(formula, numeric)
 
@@ -86,4 +86,6 @@ def evaluate(formula: str, table: pd.DataFrame) -> pd.Series:
             raise FormulaError("the formula cannot be computed (division by zero or overflow)") from None
     if np.isscalar(value):
         value = pd.Series(float(value), index=table.index)
-    return value.astype("float64")
+    value = value.astype("float64")
+    # A division by zero (or an overflow) has no value: an empty cell, never inf in a CSV.
+    return value.where(np.isfinite(value))

@@ -49,10 +49,13 @@ def numeric_columns(df: pd.DataFrame) -> list[str]:
 
 DECIMALS = {"energy": 1, "energy_per_token": 3, "energy_above_idle": 1, "throughput": 1, "response_length": 1,
             "latency": 2, "ttft": 3, "responses": 0, "arc": 1, "hellaswag": 1, "truthfulqa": 1,
-            "decode_energy_per_token": 3, "prefill_energy": 2, "flagged_share": 2}
+            "decode_energy_per_token": 3, "prefill_energy": 2, "flagged_share": 0}
+PERCENT = {"flagged_share"}  # shares, shown as percent
 # What fits a ~1,200 px page; the others are a tick away (Columns).
-DEFAULT_COLUMNS = ["model", "gpu", "backend", "parameters", "energy", "energy_per_token", "energy_above_idle",
-                   "response_length", "latency", "ttft", "throughput", "validation"]
+DEFAULT_COLUMNS = ["model", "gpu", "backend", "run_id", "parameters", "energy", "energy_ci", "energy_per_token",
+                   "response_length", "latency", "throughput", "flagged_share", "validation"]
+# Shown only where it tells rows apart: more than one run in view.
+ONLY_WHEN_SEVERAL = {"run_id"}
 # Shown even when empty, so that a run without energy says so instead of losing the column.
 ALWAYS = {"model", "energy"}
 COLUMN_HELP = {
@@ -63,15 +66,17 @@ COLUMN_HELP = {
                "fastchat (2023 published results)",
     "task": "task (its system prompt is in the About tab)",
     "parameters": "parameters: M millions, B billions",
-    "energy": "mean GPU energy per response, J (Zeus, the worker's own GPUs)",
+    "energy": "mean GPU energy per response, J: the worker's own GPUs' energy counter, each response's own "
+              "window where it lasts 5 s or more, attributed from the counter over the job otherwise (About)",
     "energy_ci": "95% confidence interval of the mean energy (Student t), J",
     "energy_per_token": "total energy over total generated tokens, J/token",
-    "decode_energy_per_token": "decode-phase energy (power timeline, first token to end) over the tokens after "
-                               "the first, J/token: the figure to compare runtimes by",
-    "prefill_energy": "mean energy from the request's start to its first token (power timeline), J",
-    "flagged_share": "share of measured responses with an energy quality flag (window under 1 s, counter "
-                     "reset or still, power outside idle..limit)",
-    "validation": "worst failed check of `python -m sweep validate` for this model and task: ok, warning, error",
+    "decode_energy_per_token": "decode-phase energy (first token to end, from the counter's fitted phase powers) "
+                               "over the tokens after the first, J/token: the figure to compare runtimes by",
+    "prefill_energy": "mean energy from the request's start to its first token (fitted phase powers), J",
+    "flagged_share": "% of measured responses whose energy carries a quality flag (a window under 1 s where the "
+                     "energy is that window's reading, a counter reset or still, power outside idle..limit)",
+    "validation": "`python -m sweep validate` for this model and task: ok, or the worst failure (warning, "
+                  "error) and the checks that failed",
     "energy_above_idle": "mean energy per response minus the GPU's idle power x the request's time, J",
     "response_length": "mean generated tokens per response",
     "latency": "mean wall time per response, prefill included, s",
@@ -135,6 +140,27 @@ def energy_notice(df: pd.DataFrame) -> str:
             f"are measured either way.")
 
 
+def empty_note(agg: pd.DataFrame, runs, gpus, task, backends) -> str:
+    """Markdown: why a view with filters holds no row (which choice leaves nothing)."""
+    if agg.empty:
+        return ""
+    runs, gpus, backends = runs or [], gpus or [], backends or []
+    if not runs:
+        return "_No run is ticked: tick one above._"
+    if not gpus:
+        return "_No GPU is ticked: tick one above._"
+    in_runs = agg[agg["run_id"].isin(runs)]
+    for gpu in gpus:
+        if gpu not in set(in_runs["gpu"]):
+            held = sorted(agg.loc[agg["gpu"] == gpu, "run_id"].unique())
+            return (f"_{gpu} is in no ticked run" + (f" (it is in {', '.join(held)})" if held else "") + "._")
+    view = in_runs[in_runs["gpu"].isin(gpus)]
+    if backends and not view["backend"].isin(backends).any():
+        return f"_No ticked backend ran on {', '.join(gpus)} in the ticked runs._"
+    tasks = sorted(view["task"].unique())
+    return f"_No {task} rows here: the ticked runs have {', '.join(tasks) or 'no task'} on {', '.join(gpus)}._"
+
+
 def display_table(df: pd.DataFrame, custom: list[tuple[str, str]], columns: list[str] | None = None) -> pd.DataFrame:
     """The leaderboard as shown: linked model names, rounded figures, short headers.
     Only the chosen columns (default: DEFAULT_COLUMNS); a chosen column with nothing
@@ -153,13 +179,23 @@ def display_table(df: pd.DataFrame, custom: list[tuple[str, str]], columns: list
                                 for lo, hi in zip(df["energy_ci_low"], df["energy_ci_high"])]
         elif col == "parameters":
             show[header] = [format_params(b) for b in df["parameters"]]
+        elif col == "validation":
+            if col in df and df[col].notna().any():
+                detail = df["validation_detail"] if "validation_detail" in df else [None] * len(df)
+                show[header] = [v if v in ("ok", None) or pd.isna(v) or not isinstance(d, str) else
+                                f"{v}: {d if len(d) <= 90 else d[:89] + '…'}" for v, d in zip(df[col], detail)]
+        elif col in ONLY_WHEN_SEVERAL:
+            if col in df and df[col].nunique() > 1:
+                show[header] = df[col]
         elif col in DECIMALS:
             if col in df and (df[col].notna().any() or col in ALWAYS):
-                show[header] = df[col].astype(float).round(DECIMALS[col])
+                scale = 100.0 if col in PERCENT else 1.0
+                show[header] = (df[col].astype(float) * scale).round(DECIMALS[col])
         elif col in df and (df[col].notna().any() or col in ALWAYS):
             show[header] = df[col]
     for name, _ in custom:
-        show[name] = df[name].round(4)
+        # four significant digits, whatever the scale (a measured figure has no more)
+        show[name] = [float(f"{v:.4g}") if pd.notna(v) else None for v in df[name]]
     return show.reset_index(drop=True)
 
 
@@ -190,9 +226,10 @@ def best_under_limits(df: pd.DataFrame, max_latency: float | None, max_ms_per_to
 def time_energy_frame(df: pd.DataFrame) -> pd.DataFrame:
     out = df[["model", "gpu", "backend", "task", "run_id", "latency", "energy"]].dropna(
         subset=["latency", "energy"]).copy()
-    # One front per GPU: latency and energy of different GPUs are not interchangeable.
+    # One front per model, across its configurations (GPUs, backends, runs): the trade-off a
+    # user chooses from for that model; at batch 1 a front across models is mostly one point.
     on = pd.Series(False, index=out.index)
-    for _, g in out.groupby("gpu"):
+    for _, g in out.groupby("model"):
         on[g.index] = pareto_front(g["latency"], g["energy"])
     out["front"] = on
     return out
@@ -343,7 +380,9 @@ def timeline_frames(rows: pd.DataFrame, samples: pd.DataFrame) -> tuple[pd.DataF
     return points, requests
 
 
-def timeline_note(rows: pd.DataFrame, shown: int, plotted: bool) -> str:
+def timeline_note(rows: pd.DataFrame, shown: int, plotted: bool, sample_s: float | None = None) -> str:
+    """Markdown under the power timeline. `sample_s`: the median time between the stored power
+    samples, what the line resolves (stated from the data, not from the poll period)."""
     split = rows.dropna(subset=["prefill_energy_j", "decode_energy_j"])
     decode_tokens = (split["response_tokens"] - 1).clip(lower=0).sum()
     how = split["energy_split_method"].dropna().iloc[0] if "energy_split_method" in split and len(split) else ""
@@ -354,6 +393,7 @@ def timeline_note(rows: pd.DataFrame, shown: int, plotted: bool) -> str:
     if not plotted:
         return ("_No power timeline: it is recorded on NVIDIA GPUs (Zeus `PowerMonitor`); CPU runs and runs made "
                 f"before it existed have none._{figures}")
-    return (f"Power of the first {shown} requests of {len(rows)}, as NVML reports it (its readings change about "
-            f"every 100 ms: detail finer than that is not measured): shaded, a request's energy window; dashed, its "
-            f"first token (prefill before, decode after).{figures}")
+    every = f"every {sample_s * 1e3:.0f} ms (median)" if sample_s else "when NVML's reading changes"
+    return (f"Power of the first {shown} requests of {len(rows)}, as NVML reports it: a sample {every}, so detail "
+            f"finer than that is not measured: shaded, a request's energy window; dashed, its first token (prefill "
+            f"before, decode after).{figures}")

@@ -12,6 +12,10 @@ from ui.data import RunsFolder
 from ui.tabs.detail import plot_data
 
 
+UNITS = {"energy_mean": "energy mean (J)", "energy_median": "energy median (J)", "length_mean": "length mean (tok)",
+         "length_median": "length median (tok)", "latency_mean": "latency mean (s)"}
+
+
 @dataclass
 class Compare:
     run: gr.Dropdown
@@ -54,7 +58,7 @@ def view(folder: RunsFolder, run_id, task, models) -> tuple:
     summary = rows.groupby("model", sort=False).agg(
         responses=("tokens", "size"), energy_mean=("energy_j", "mean"), energy_median=("energy_j", "median"),
         length_mean=("tokens", "mean"), length_median=("tokens", "median"), latency_mean=("latency_s", "mean"),
-    ).round(2).reset_index().rename(columns=lambda c: c.replace("_", " "))
+    ).round(2).reset_index().rename(columns=UNITS)
     note = "" if energy is not None else "_No energy in these rows: a CPU run; lengths are compared below._"
     return plot_data(energy), note, plot_data(length), plot_data(hist), summary
 

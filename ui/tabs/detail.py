@@ -19,9 +19,11 @@ def plot_data(spec: dict | None):
     return None if spec is None else PlotData(type="altair", plot=charts.to_json(spec))
 
 
-SAMPLE_HEADERS = {"prompt_id": "prompt id", "prompt": "prompt", "response": "response",
-                  "response_tokens": "length (tok)", "energy_j": "energy (J)", "energy_method": "how",
-                  "energy_uncertainty_j": "± (J, 1σ)", "window_energy_j": "one window (J)", "latency_s": "latency (s)"}
+# Figures first; the texts last, cut to a line (a click on a cell shows it whole).
+SAMPLE_HEADERS = {"prompt_id": "prompt id", "energy_j": "energy (J)", "energy_method": "how",
+                  "energy_uncertainty_j": "± (J, 1σ)", "window_energy_j": "one window (J)", "latency_s": "latency (s)",
+                  "window_s": "window (s)", "response_tokens": "length (tok)", "prompt": "prompt",
+                  "response": "response"}
 
 
 def nothing(summary: str) -> tuple:
@@ -47,6 +49,17 @@ def reference_note(refs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _coarse_warning(sub: pd.DataFrame) -> str:
+    """A warning where energies are one-window readings of windows the counter does not resolve."""
+    window = sub["energy_method"].fillna("window") == "window"
+    short = sub["energy_j"].notna() & window & (sub["window_s"] < 1.0)
+    if not short.any():
+        return ""
+    return (f"\n\n⚠️ {int(short.sum())} of {len(sub)} energies are one-window readings of windows under 1 s: NVML's "
+            f"counter moves about every 100 ms and lags, so each is coarse (tens of percent), though their mean over "
+            f"many is not biased much. Runs made now attribute such requests from the counter over the job.")
+
+
 def _methods(sub: pd.DataFrame) -> str:
     """How the energies were obtained, e.g. '; energy: 118 attributed, 2 window'."""
     counts = sub.loc[sub["energy_j"].notna(), "energy_method"].fillna("window").value_counts()
@@ -65,8 +78,10 @@ def model_detail(folder: RunsFolder, run_id: str | None, model: str | None, task
     prompts = folder.prompts(run_id)
     samples = sub.merge(prompts, on="prompt_id", how="left").sort_values("prompt_id").head(20)
     samples = samples[list(SAMPLE_HEADERS)].round({"energy_j": 2, "energy_uncertainty_j": 2, "window_energy_j": 2,
-                                                   "latency_s": 3})
-    samples = samples.assign(energy_method=samples["energy_method"].fillna("window")).rename(columns=SAMPLE_HEADERS)
+                                                   "latency_s": 3, "window_s": 3})
+    method = samples["energy_method"].fillna("window")  # runs from before attribution: windows
+    one = samples["window_energy_j"].where(samples["window_energy_j"].notna() | (method != "window"), samples["energy_j"])
+    samples = samples.assign(energy_method=method, window_energy_j=one).rename(columns=SAMPLE_HEADERS)
     e = sub["energy_j"]
     note = sub["energy_note"].dropna().iloc[0] if sub["energy_note"].notna().any() else "n/a"
     summary = (f"**{model} / {task}** in {run_id} on {sub['gpu_name'].iloc[0]}: {len(sub)} responses; "
@@ -75,22 +90,23 @@ def model_detail(folder: RunsFolder, run_id: str | None, model: str | None, task
                + f"length {sub['response_tokens'].mean():.1f} tokens; template `{sub['template'].iloc[0]}`"
                + _methods(sub))
     rows = sub.assign(model=model)
-    half = charts.WIDTH // 2 - 40  # two side by side
-    energy = charts.distributions(rows, "energy_j", "model", "energy per response (J)", width=half)
+    energy = charts.distributions(rows, "energy_j", "model", "energy per response (J)")
     length = charts.distributions(rows.assign(tokens=rows["response_tokens"].astype(float)), "tokens", "model",
-                                  "response length (tokens)", width=half)
+                                  "response length (tokens)")
     energy_note = "" if energy is not None else (
         f"_No energy histogram: {note}. Energy needs a run on an NVIDIA GPU._")
     # Rows without a start time (recovered from a log that lacked it) have no place on a timeline.
     first = sub.dropna(subset=["started_at"]).sort_values("started_at").head(views.TIMELINE_REQUESTS)
-    line = None
+    line, sample_s = None, None
     if not first.empty:
         end = (first["started_at"] + pd.to_timedelta(first["latency_s"], unit="s")).max()
         power = folder.power(run_id, model, task, first["started_at"].min() - pd.Timedelta(seconds=0.5),
                              end + pd.Timedelta(seconds=0.5))
         line = charts.timeline(*views.timeline_frames(first, power)) if not power.empty else None
-    return (summary, plot_data(energy), energy_note, plot_data(length), samples, plot_data(line),
-            views.timeline_note(sub, len(first), line is not None),
+        gaps = power.groupby(["host", "gpu_index"])["timestamp"].diff().dt.total_seconds().dropna()
+        sample_s = float(gaps.median()) if len(gaps) else None
+    return (summary + _coarse_warning(sub), plot_data(energy), energy_note, plot_data(length), samples, plot_data(line),
+            views.timeline_note(sub, len(first), line is not None, sample_s),
             reference_note(folder.references(run_id, model, task)))
 
 
@@ -130,7 +146,8 @@ def build() -> Detail:
         length = gr.Plot(label="Response length", elem_id="detail-length")
     timeline = gr.Plot(label="Power timeline", elem_id="detail-timeline")
     timeline_note = gr.Markdown(elem_id="detail-timeline-note")
-    samples = gr.Dataframe(interactive=False, wrap=True, label="Sample prompts and responses", elem_id="detail-samples")
+    samples = gr.Dataframe(interactive=False, wrap=True, max_chars=80, label="Sample prompts and responses",
+                           elem_id="detail-samples")
     checks = gr.Markdown(elem_id="detail-checks")
     return Detail(run, model, task, summary, energy, energy_note, length, samples, timeline, timeline_note, checks)
 

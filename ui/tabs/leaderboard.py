@@ -11,7 +11,7 @@ import pandas as pd
 from ui.data import DISPLAY, RunsFolder
 from ui.formula import FormulaError, evaluate
 from ui.views import (DEFAULT_COLUMNS, check_column_name, column_choices, column_legend, datatypes, display_table,
-                      energy_notice, filter_aggregates, numeric_columns, sort_table, with_custom_columns)
+                      empty_note, energy_notice, filter_aggregates, numeric_columns, sort_table, with_custom_columns)
 
 
 @dataclass
@@ -63,10 +63,9 @@ def board(folder: RunsFolder, csv_dir: Path, runs, gpus, task, backends, custom,
     shown = display_table(df, custom, columns)
     path = csv_dir / "leaderboard.csv"
     df.drop(columns=[c for c in ("url",) if c in df]).to_csv(path, index=False)
-    # Shares of the page's width: the table never runs past it, a long name wraps.
-    rest = f"{80 / max(len(shown.columns) - 1, 1):.2f}%"
-    widths = ["20%" if c == DISPLAY["model"] else rest for c in shown.columns]
-    return (energy_notice(df), gr.Dataframe(value=shown, datatype=datatypes(shown), label=label, column_widths=widths),
+    notice = energy_notice(df) if not df.empty else empty_note(folder.aggregates(), runs, gpus, task, backends)
+    # Numbers never wrap (CSS); a table wider than the page scrolls inside itself.
+    return (notice, gr.Dataframe(value=shown, datatype=datatypes(shown), label=label),
             gr.DownloadButton(value=str(path)), df)
 
 

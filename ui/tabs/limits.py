@@ -25,7 +25,7 @@ class Limits:
 
 def build() -> Limits:
     gr.Markdown("Per model, the GPU and backend with the least energy per response among those that meet "
-                "a deadline and an energy budget (runs and task above; all GPUs and backends).")
+                "a deadline and an energy budget (among the runs, GPUs, task and backends ticked above).")
     with gr.Row():
         kind = gr.Radio(KINDS, value=KINDS[0], label="Deadline on", elem_id="limit-kind")
         deadline = gr.Slider(0, 1, value=1, label="Deadline", elem_id="deadline")
@@ -35,22 +35,22 @@ def build() -> Limits:
     return Limits(kind, deadline, budget, note, table)
 
 
-def _in_view(folder: RunsFolder, runs, task) -> pd.DataFrame:
-    agg = folder.aggregates()
-    return filter_aggregates(agg, runs or [], agg["gpu"].dropna().unique().tolist(), task)
+def _in_view(folder: RunsFolder, runs, gpus, task, backends) -> pd.DataFrame:
+    """The rows the filters above show: runs, GPUs, task, backends."""
+    return filter_aggregates(folder.aggregates(), runs or [], gpus or [], task, backends or [])
 
 
-def ranges(folder: RunsFolder, runs, task, kind, kept=None) -> tuple:
+def ranges(folder: RunsFolder, runs, gpus, task, backends, kind, kept=None) -> tuple:
     """The limit sliders for this view and the values to apply. `kept`: (deadline,
     budget, the maxima last sent), on a refresh of the same view: a value the user
     moved below its maximum stays (within the new range); one left at its maximum
     follows the new maximum, so new rows are not cut off by a limit nobody set."""
     per_token = kind != KINDS[0]
-    dmax, bmax = limit_maxima(_in_view(folder, runs, task), per_token)
+    dmax, bmax = limit_maxima(_in_view(folder, runs, gpus, task, backends), per_token)
     dval, bval = dmax, bmax
     if kept is not None and kept[2] is not None:
         d_old, b_old, (dmax_old, bmax_old) = kept
-        if d_old is not None and d_old < dmax_old:
+        if d_old is not None and dmax_old is not None and d_old < dmax_old:
             dval = min(d_old, dmax)
         if bmax is not None and b_old is not None and bmax_old is not None and b_old < bmax_old:
             bval = min(b_old, bmax)
@@ -63,9 +63,9 @@ def ranges(folder: RunsFolder, runs, task, kind, kept=None) -> tuple:
     return deadline, budget, (dval, bval), (dmax, bmax)
 
 
-def view(folder: RunsFolder, runs, task, kind, deadline, budget) -> tuple:
+def view(folder: RunsFolder, runs, gpus, task, backends, kind, deadline, budget) -> tuple:
     """(table, note) of the models within the limits."""
-    df = _in_view(folder, runs, task)
+    df = _in_view(folder, runs, gpus, task, backends)
     if df.empty:
         return pd.DataFrame(), "_Nothing in view._"
     per_token = kind != KINDS[0]

@@ -49,7 +49,8 @@ def build(nums: list[str]) -> Plots:
         log = gr.Checkbox(label="Log scales", value=False, elem_id="log")
     scatter = gr.Plot(label="Scatter (hover for the model)", elem_id="scatter")
     scatter_note = gr.Markdown(elem_id="scatter-note")
-    front = gr.Plot(label="Time vs energy per response; line: each GPU's Pareto front", elem_id="pareto")
+    front = gr.Plot(label="Time vs energy per response; a line: each model's Pareto front across its GPUs, backends "
+                          "and runs", elem_id="pareto")
     front_note = gr.Markdown(elem_id="pareto-note")
     score = gr.Dropdown([("mean of the three", "quality")] + [(s, s) for s in SCORES], value="quality",
                         label="2023 quality score", elem_id="score")

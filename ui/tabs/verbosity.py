@@ -60,4 +60,7 @@ def view(folder: RunsFolder, runs, gpus, backends, gpu, measure) -> tuple:
     table = v.drop(columns=["label", "gpu"] + (["run_id"] if single_run else []), errors="ignore")
     if not table.empty:
         table = table.assign(parameters=table["parameters"].map(format_params))
+        # What the tab is about first: the savings, then the figures behind them.
+        first = [c for c in ("model", "pair", "energy saved %", "length saved %") if c in table]
+        table = table[first + [c for c in table.columns if c not in first]]
     return gr.Radio(choices=have, value=gpu), plot_data(spec), note, table
