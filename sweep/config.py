@@ -42,6 +42,17 @@ def _not_blank(text: str) -> str:
     return text
 
 
+class ServerSpec(_Strict):
+    """How the `server` backend reaches its serving engine: a command the worker starts on its
+    own GPUs (placeholders: {path} {port} {dtype} {context_length} {max_new_tokens} {gpus}
+    {concurrency}), or the URL of one already running."""
+
+    command: str | None = Field(default=None, min_length=1)
+    url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    ready_timeout_s: float = Field(default=900.0, gt=0)
+    engine: str | None = None  # its name and version where the server does not say
+
+
 class ModelSpec(_Strict):
     """One entry of models.yaml."""
 
@@ -50,13 +61,14 @@ class ModelSpec(_Strict):
     conv_template: str | None = None
     params_b: float | None = Field(default=None, gt=0, description="Parameters, billions")
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    backend: str = Field(default=DEFAULT_BACKEND, description="Generation backend: transformers | compiled")
+    backend: str = Field(default=DEFAULT_BACKEND, description="Generation backend: transformers | compiled | server")
     gpus: int = Field(default=1, ge=1)
     revision: str | None = None
     trust_remote_code: bool = False
     tasks: tuple[str, ...] | None = Field(default=None, description="Subset of tasks.yaml; default all")
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="Ray custom resources each worker needs, e.g. {node_b: 1}")
+    server: ServerSpec | None = None  # backend: server only
 
     @field_validator("resources")
     @classmethod
@@ -111,8 +123,9 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _backend_fits(self) -> "ModelSpec":
-        if self.backend == "compiled" and self.gpus > 1:
-            raise ValueError("backend compiled runs a model on one GPU (gpus: 1); use backend: transformers for gpus > 1")
+        from sweep.backends import SPEC_CHECKS
+
+        SPEC_CHECKS[self.backend](self)  # each backend checks its own options
         return self
 
     @field_validator("conv_template")

@@ -14,8 +14,13 @@ from typing import Any
 import pyarrow as pa
 
 
-def _col(arrow_type: pa.DataType, doc: str = ""):
-    return field(metadata={"arrow": arrow_type, "doc": doc})
+_REQUIRED = object()
+
+
+def _col(arrow_type: pa.DataType, doc: str = "", default=_REQUIRED):
+    """A column; `default` for later columns that most backends leave empty."""
+    meta = {"arrow": arrow_type, "doc": doc}
+    return field(metadata=meta) if default is _REQUIRED else field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,11 @@ class ResultRow:
                                                        "less at its start (coarse below a few seconds)")
     energy_model: str | None = _col(pa.string(), "the attribution's fit per GPU (JSON: the counter's lag and width, "
                                                  "phase powers, scale, increments), where energy_j used it")
+    engine: str | None = _col(pa.string(), "the serving engine and its version (backend server), from the server "
+                                           "where it tells, else from the command", None)
+    engine_command: str | None = _col(pa.string(), "how the engine was started, or the URL attached to", None)
+    tokens_from: str | None = _col(pa.string(), "what counted response_tokens: 'backend' (the model's own tokens), "
+                                                "'server usage' or 'tokenizer' (the response's text re-tokenized)", None)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

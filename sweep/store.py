@@ -6,6 +6,7 @@
     runs/<run_id>/wal/<job>.jsonl      rows not yet in a part file (crash safety)
     runs/<run_id>/power/*.parquet      power timeline of each worker's GPUs (sweep/meters/timeline.py)
     runs/<run_id>/references/*.parquet each job's reference checks (sweep/measure.py, REFERENCE_SCHEMA)
+    runs/<run_id>/servers/<job>.log    what a serving engine the worker started wrote (backend server)
     runs/<run_id>/failures/<job>.json  jobs that failed, with their error
     runs/<run_id>/locks/<job>.lock     held by the one process writing a job (the session's writer)
     runs/<run_id>/locks/driver.lock    held by the one driver writing the run
@@ -460,6 +461,16 @@ class RunStore:
         self.power_dir.mkdir(parents=True, exist_ok=True)
         name = f"{slug}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
         return atomic_write(self.power_dir / name, lambda tmp: pq.write_table(samples, tmp))
+
+    def append_server_log(self, slug: str, text: str) -> Path:
+        """A serving engine's output, appended to runs/<id>/servers/<job>.log (a log: what a
+        crash cuts short stays readable)."""
+        folder = self.run_dir / "servers"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{slug}.log"
+        with open(path, "a", encoding="utf-8", errors="replace") as fh:
+            fh.write(text)
+        return path
 
     def write_reference_part(self, checks: pa.Table, slug: str) -> Path:
         """Reference checks (REFERENCE_SCHEMA), as a part file of runs/<id>/references/."""

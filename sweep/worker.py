@@ -130,6 +130,9 @@ class RemoteJob:
     def append_reference(self, check: dict) -> None:
         self._get(self.writer.append_reference.remote(self.model, self.task, self.token, check))
 
+    def append_log(self, text: str) -> None:
+        self._get(self.writer.append_log.remote(self.model, self.task, self.token, text))
+
     def append_power(self, samples) -> None:
         # The writer runs one worker's calls in the order sent: these follow the rows before them.
         self._get(self.writer.append_power.remote(self.model, self.task, self.token, samples))
@@ -166,6 +169,7 @@ class Worker:
         self._power_written_at = 0.0
         self.idle_power_w: float | None = None
         self.request_s: float | None = None  # a request's mean latency while calibrating
+        self._log_sent = 0  # characters of the serving engine's log already stored
         self.device = _device_info(num_gpus)
 
     def _load(self, prompts: list[Prompt], system_prompt: str) -> None:
@@ -221,6 +225,7 @@ class Worker:
                     if self.meter is not None:
                         self._store_ready(job, final=True)
                 finally:
+                    self._write_server_log(job)
                     try:
                         self._write_power(job, task_name)
                     except Exception as exc:  # samples are lost, never the rows: the job still closes
@@ -252,6 +257,16 @@ class Worker:
         """The timeline is an addition: a fault in it stops it, never the job or a row."""
         warn(f"{why}; the power timeline stops (energy is measured as before)")
         self.timeline = None
+
+    def _write_server_log(self, writer) -> None:
+        """What a started serving engine wrote since the last job, into the run's servers/ folder."""
+        text = self.backend.log_text() if self.backend is not None and hasattr(self.backend, "log_text") else ""
+        new, self._log_sent = text[self._log_sent:], len(text)
+        if new:
+            try:
+                writer.append_log(new)
+            except Exception as exc:  # a log is an addition: never a reason to fail the job
+                warn(f"server log of {self.spec.name} not stored: {exc}")
 
     def _write_power(self, writer, task: str) -> None:
         """The power samples taken since the last write, into the run's power/ folder."""
@@ -361,4 +376,7 @@ class Worker:
             energy_uncertainty_j=fig.uncertainty_j,
             window_energy_j=fig.window_energy_j,
             energy_model=fig.model,
+            engine=b.engine,
+            engine_command=b.engine_command,
+            tokens_from=getattr(b, "tokens_from", None) or "backend",
         ).to_dict()

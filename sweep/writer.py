@@ -98,6 +98,11 @@ class RunWriter:
         """Store one reference check of the job (sweep.record.REFERENCE_SCHEMA)."""
         self._job(model, task, token).writer.append_reference(check)
 
+    def append_log(self, model: str, task: str, token: int, text: str) -> None:
+        """Append to the job's serving-engine log (runs/<id>/servers/<job>.log)."""
+        self._job(model, task, token)
+        self.store.append_server_log(job_slug(model, task), text)
+
     def close_job(self, model: str, task: str, token: int) -> None:
         """The job's rows into Parquet, its log removed, its part files compacted, its lock
         released."""

@@ -44,7 +44,7 @@ def _tiny_checkpoint(tmp_path, model_type, **extra):
 
 
 def test_every_registered_backend_loads_by_name():
-    assert set(BACKENDS) == {"transformers", "compiled"}
+    assert set(BACKENDS) == {"transformers", "compiled", "server"}
     for name in BACKENDS:
         assert backend_class(name).name == name
 
@@ -91,7 +91,7 @@ def test_a_sliding_window_shorter_than_the_context_is_refused(tmp_path):
         _load("compiled", path)
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", ["transformers", "compiled"])  # the server backend: test_server_backend.py
 def test_context_beyond_the_models_positions_fails_at_load(backend):
     # llama-tiny has 4096 positions
     with pytest.raises(BackendError, match="context_length 8192 .* exceeds the 4096 positions"):

@@ -236,9 +236,11 @@ def _wire(p: _Page) -> None:
     lim.kind.input(on_kind, F + [lim.kind, lim.budget, p.limit_max],
                    [lim.deadline, lim.budget, lim.table, lim.note, p.limit_max], api_name=False)
     for comp in (lim.deadline, lim.budget):
-        # Any change of the value: typed, by the keyboard, dragged (the last one of a drag wins).
-        comp.change(lambda *a: limits.view(f, *a), F + [lim.kind, lim.deadline, lim.budget], [lim.table, lim.note],
-                    api_name=False, trigger_mode="always_last", show_progress="hidden")
+        # input: each value typed, set by the keyboard or dragged through (the last one wins:
+        # a key held down sends many); release: a drag's end, or leaving the number box.
+        for event in (comp.input, comp.release):
+            event(lambda *a: limits.view(f, *a), F + [lim.kind, lim.deadline, lim.budget], [lim.table, lim.note],
+                  api_name=False, trigger_mode="always_last", show_progress="hidden")
     b.add_col.click(lambda *a: leaderboard.add_column(f, p.csv_dir, *a),
                     [b.col_name, b.col_formula, p.custom] + F + [b.columns_in, b.rank_in],
                     [p.custom, b.col_msg, p.plot.x, p.plot.y] + board_out, api_name="add_column")

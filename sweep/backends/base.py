@@ -1,10 +1,12 @@
 """The backend interface: one loaded model that serves one prompt at a time (batch 1).
 
-A backend owns its model, tokenizer and chat template, and `generate` returns what it
-actually did (`Generation`), so every stored row records the effective settings, never
-only the requested ones. `HFModel` is the loading and bookkeeping that every backend
-over a Hugging Face checkpoint shares: tokenizer, weights, template, prompt
-truncation, and the stop-token / stop-string trimming after generation.
+`Backend` is what the worker calls: load (the constructor) and `close`, `generate` one
+response into a `Generation` (what it actually did, so every stored row records the
+effective settings, never only the requested ones), and `effective`, `template`,
+`params_b`, `dtype_name`, `engine` for the row. `HFModel` is what the two in-process
+backends share over a Hugging Face checkpoint: tokenizer, weights, template, prompt
+truncation, and the stop-token / stop-string trimming after generation. The `server`
+backend (sweep/backends/server.py) loads no weights: it drives a serving engine's HTTP API.
 """
 
 from __future__ import annotations
@@ -55,6 +57,24 @@ class Effective:
     compiled: bool  # decode step compiled / replayed as a CUDA graph
 
 
+class Backend:
+    """One loaded model (or a server of one) that generates one response at a time."""
+
+    name: ClassVar[str]
+    effective: Effective
+    template: ChatTemplate
+    params_b: float
+    dtype_name: str
+    engine: str | None = None  # the serving engine and its version, where one serves the model
+    engine_command: str | None = None  # how it was started (or what was attached to)
+
+    def generate(self, system_prompt: str, user_text: str, seed: int) -> Generation:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the backend holds (a server process, GPU memory)."""
+
+
 def resolve_dtype(requested: str, device: str) -> torch.dtype:
     # CPU kernels for float16 are slow or missing: CPU runs use float32 (recorded per row).
     if device == "cpu" and requested == "float16":
@@ -72,11 +92,8 @@ def max_positions(config) -> int | None:
     return None
 
 
-class HFModel:
+class HFModel(Backend):
     """A Hugging Face causal LM, its tokenizer and chat template, loaded for `device`."""
-
-    name: ClassVar[str]
-    effective: Effective
 
     def __init__(self, spec: ModelSpec, settings: GenerationSettings, device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -169,6 +186,3 @@ class HFModel:
             steps_past_stop=len(generated) - ended_at,
             started_s=started_s,
         )
-
-    def generate(self, system_prompt: str, user_text: str, seed: int) -> Generation:
-        raise NotImplementedError
