@@ -350,12 +350,13 @@ class CounterMeter:
             self._refit(now)
         counted = self.log.complete_until_s - self._delay_s()
         fits_ready = all(f is not None for f in self._fits.per_gpu)
-        done = [p for p in self._pending if p.window.end_s <= counted and (fits_ready or final)]
+        done = [p for p in self._pending if (p.window.end_s <= counted and fits_ready) or final]
         refs = [r for r in self._references if r.pause_after[1] <= counted or final]
         out: list[tuple[Any, EnergyFigures | ReferenceFigures]] = []
         if done:
             self._pending = [p for p in self._pending if p not in done]
-            out += [(p.key, fig) for p, fig in zip(done, self._figures(done))]
+            out += [(p.key, fig if p.window.end_s <= counted else _uncounted(fig))
+                    for p, fig in zip(done, self._figures(done))]
         for r in refs:
             self._references.remove(r)
             out.append((r.key, self._reference_figures(r)))
@@ -411,6 +412,13 @@ class CounterMeter:
 
     def close(self) -> None:
         self.log.close()
+
+
+def _uncounted(fig: EnergyFigures) -> EnergyFigures:
+    """A request the counter's log never covered (its poller stopped): no energy, and why."""
+    return replace(fig, energy_j=None, method=None, uncertainty_j=None, window_energy_j=None, prefill_j=None,
+                   decode_j=None, split_method=None, model=None,
+                   note="the energy counter's log stopped before it had counted this request")
 
 
 def _power_inside(t: np.ndarray, e: np.ndarray, inside: np.ndarray) -> float:

@@ -239,3 +239,28 @@ def test_a_worker_stores_attributed_rows_and_its_reference_checks(tmp_path, quic
     [flagged] = [e for e in run_checks(facts) if e.check == "flagged_share"]
     assert flagged.passed, flagged.message
     meter.close()
+
+
+def test_requests_the_counter_never_counted_are_stored_without_energy_saying_why(quick):
+    """The counter's poller stops mid-job: at the job's end every request still gets its row,
+    those it never counted with no energy and the reason, none lost."""
+    from sweep.meters.counter import CounterLog
+
+    rng = random.Random(2)
+    meter = None
+    sim = SimulatedCounter(lambda: meter.phases, spread=0.0)
+    alive = [True]
+    meter = quick.CounterMeter(1, log=CounterLog(1, source=lambda: sim() if alive[0] else ([], float("-inf"))))
+    meter.calibrate(lambda: _request(meter, rng))
+    done = []
+    for i in range(20):
+        meter.end(i, _request(meter, rng))
+        done += meter.ready()
+        if i == 12:
+            alive[0] = False  # the poller is gone
+    done += meter.ready(final=True)
+    rows = dict(done)
+    assert sorted(rows) == list(range(20))
+    lost = sorted(k for k, f in rows.items() if f.energy_j is None)
+    assert rows[0].energy_j is not None and lost and lost == list(range(lost[0], 20))
+    assert all("log stopped" in rows[k].note for k in lost)
