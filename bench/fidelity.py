@@ -3,8 +3,9 @@
 For each backend and each max_new_tokens, the same prompts (fixed seeds: the same tokens
 every time) are served through the worker's own path, as in a sweep (rows stored with the
 energy the worker attributes, `energy_j`, and the one-window reading, `window_energy_j`).
-Then each request is measured again the reference way: the same request repeated back to
-back inside one window of at least --reference-s seconds, between two idle pauses, the
+Then --references of them (spread over the prompts' lengths) are measured again the
+reference way: the same request repeated back to back inside one window of at least
+--reference-s seconds, between two idle pauses, the
 counter over that window less the pauses' energy, over the repeats (the self-check's
 routine, sweep.measure). Independently, NVML's counter is polled in a process of its own
 (bench/nvml.py) and read at the repeats' first start and last end, over the repeats (the
@@ -15,12 +16,13 @@ for the one-window reading, the error per response against the reference (median
 max) and the error of their sum against the references' sum; and what the job's own
 reference checks would cost at 3,000 prompts.
 
-    python bench/fidelity.py --preset tinyllama-1.1b --max-new-tokens 32 128 512 --prompts 12
+    python bench/fidelity.py --preset tinyllama-1.1b --max-new-tokens 32 128 512 --prompts 120 --references 10
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -41,7 +43,7 @@ from sweep.config import EnergySettings, GenerationSettings, ModelSpec, PromptSe
 from sweep.measure import ReferenceFigures, open_meter  # noqa: E402
 from sweep.prompts import builtin_prompts, load_prompt_set  # noqa: E402
 from sweep.store import RunStore  # noqa: E402
-from sweep.worker import Worker, request_seed  # noqa: E402
+from sweep.worker import Worker, calibration_prompts, request_seed  # noqa: E402
 
 SYSTEM = ("A chat between a human user (prompter) and an artificial intelligence (AI) assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -57,9 +59,9 @@ class _NoHub:
     start = advance = finish = _Call()
 
 
-def _prompts(n: int):
-    if SHAREGPT.is_file():
-        return list(load_prompt_set(PromptSettings(dataset=str(SHAREGPT), num_prompts=n, seed=1)).prompts)
+def _prompts(n: int, dataset: Path = SHAREGPT):
+    if dataset.is_file():
+        return list(load_prompt_set(PromptSettings(dataset=str(dataset), num_prompts=n, seed=1)).prompts)
     return builtin_prompts()[:n]
 
 
@@ -70,11 +72,37 @@ def _errors(values: np.ndarray, reference: np.ndarray) -> dict:
             "sum": float(np.nansum(values) / np.nansum(reference[np.isfinite(values)]) - 1), "n": int(ok.sum())}
 
 
-def run_setting(worker, be, prompts, max_new: int, reference_s: float, nvml) -> dict:
-    """Serve the prompts as a sweep does, then reference-measure each one."""
+def _chosen(be, prompts, n: int) -> list:
+    """n of the served prompts, evenly spread over their lengths (prefill is what the
+    attribution must tell apart from decode), none of those the counter's first fit ran."""
+    fitted = {q.prompt_id for q in calibration_prompts(prompts)}
+    by_length = sorted((q for q in prompts if q.prompt_id not in fitted), key=lambda q: len(be.encode(SYSTEM, q.text)[0]))
+    step = max(len(by_length) / max(n, 1), 1.0)
+    return [by_length[int(i * step)] for i in range(min(n, len(by_length)))]
+
+
+def _recording(meter) -> dict:
+    """Bench only: keep every counter move and request of the run (the meter's sliding
+    window forgets), and note each served request's phases, for --dump and replays."""
+    served: dict = {}
+    end = meter.__dict__.setdefault("_unwrapped_end", meter.end)
+
+    def noting_end(key, phases):
+        served[key[1].prompt_id] = {"phases": [phases.start_s, phases.first_token_s, phases.end_s],
+                                    "prompt_tokens": key[2].prompt_tokens, "response_tokens": key[2].response_tokens}
+        return end(key, phases)
+
+    meter.end = noting_end
+    meter._forget = lambda now: None
+    return served
+
+
+def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) -> dict:
+    """Serve the prompts as a sweep does (a job), then reference-measure the checked ones."""
     be.settings = be.settings.model_copy(update={"max_new_tokens": max_new})  # bench only: the loop reads it per request
     worker.tasks = worker.tasks.model_copy(update={"generation": be.settings})
     meter = worker.meter
+    served = _recording(meter)
     with tempfile.TemporaryDirectory() as base:
         store = RunStore(Path(base) / "r")
         writer = store.writer("bench")
@@ -83,8 +111,8 @@ def run_setting(worker, be, prompts, max_new: int, reference_s: float, nvml) -> 
         worker._store_ready(writer, final=True)
         writer.close()
         rows = store.read_results().set_index("prompt_id").loc[[p.prompt_id for p in prompts]]
-    refs, raw, costs = [], [], []
-    for p in prompts:
+    refs, raw, costs, periods = [], [], [], []
+    for p in checked:
         seed = request_seed(0, "chat", p.prompt_id)
         spans = []
 
@@ -95,6 +123,7 @@ def run_setting(worker, be, prompts, max_new: int, reference_s: float, nvml) -> 
             return ph, out.response_tokens
 
         meter.reference(p.prompt_id, run, reference_s)
+        pending = meter._references[-1]
         got = [f for _, f in meter.ready(final=True) if isinstance(f, ReferenceFigures)]
         refs.append(got[-1].energy_j if got else np.nan)
         costs.append(got[-1].cost_s if got else np.nan)
@@ -103,20 +132,32 @@ def run_setting(worker, be, prompts, max_new: int, reference_s: float, nvml) -> 
         raw.append((spans[0][0], spans[-1][1], len(spans)) if same else None)  # read once the poll has ended
         if not same:
             refs[-1] = np.nan  # the repeats made other tokens: nothing to compare
+        periods.append({"prompt_id": p.prompt_id, "pause_before": pending.pause_before,
+                        "pause_after": pending.pause_after, "energy_j": refs[-1],
+                        "repeats": [[r.start_s, r.first_token_s, r.end_s] for r in pending.repeats]})
     ref = np.array(refs, float)
-    stored = rows["energy_j"].to_numpy(float)
-    window = rows["window_energy_j"].to_numpy(float)
+    ids = [p.prompt_id for p in checked]
+    stored = rows.loc[ids, "energy_j"].to_numpy(float)
+    window = rows.loc[ids, "window_energy_j"].to_numpy(float)
     req_s = float(rows["latency_s"].mean())
     e = EnergySettings()
     cost_s = float(np.nanmean(costs))
     n3000 = max(e.min_references, min(math.ceil(e.reference_share * 3000),
                                       int(e.max_reference_cost * 3000 * req_s / cost_s)))
     ref_cost = n3000 * cost_s
+    for pid, r in rows.iterrows():
+        served[pid] |= {"energy_j": r["energy_j"], "window_energy_j": r["window_energy_j"],
+                        "energy_method": r["energy_method"], "energy_model": r["energy_model"]}
+    counters = [dict(zip(("times_s", "energy_j"), map(list, c.arrays()))) for c in meter.log.counters]
     return {"max_new_tokens": max_new, "window_s": float(rows["window_s"].median()),
+            "served": len(prompts), "checked": len(checked),
             "tokens": float(rows["response_tokens"].mean()),
             "methods": rows["energy_method"].value_counts().to_dict(),
             "energy_j": _errors(stored, ref), "one_window": _errors(window, ref),
             "_raw": raw, "_ref": refs,
+            "_dump": {"served": served, "references": periods, "counters": counters,
+                      "phases": [[q.start_s, q.first_token_s, q.end_s] for q in meter.phases],
+                      "fit_start_s": meter.fit_start_s, "idle_w": meter.idle_w},
             "checks_at_3000": {"n": n3000, "cost_share": ref_cost / (3000 * req_s), "one_check_s": cost_s},
             "fit": json.loads(rows["energy_model"].dropna().iloc[-1]) if rows["energy_model"].notna().any() else None}
 
@@ -128,15 +169,20 @@ def main() -> None:
     p.add_argument("--max-new-tokens", nargs="+", type=int, default=[32, 128, 512])
     p.add_argument("--transformers-max-new-tokens", nargs="+", type=int,
                    help="for the transformers backend (default: --max-new-tokens)")
-    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--prompts", type=int, default=120, help="served per setting, back to back, as one job")
+    p.add_argument("--references", type=int, default=10, help="of them, measured again the reference way")
+    p.add_argument("--dataset", type=Path, default=SHAREGPT, help="ShareGPT prompts (default: the 2023 sample "
+                   "beside the checkout; the built-in prompts where it is absent)")
     p.add_argument("--reference-s", type=float, default=5.0)
     p.add_argument("--cache", default="static", choices=["static", "dynamic"], help="the transformers backend's cache")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--dump", help="a folder: every counter move, request phase and reference of each setting "
+                                  "(bench/fidelity_replay.py reads them)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/fidelity.py needs an NVIDIA GPU")
     print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
-    prompts = _prompts(args.prompts)
+    prompts = _prompts(args.prompts, args.dataset)
     results = []
     with NvmlEnergyLog(period_s=0.002) as nvml:
         for backend in args.backends:
@@ -156,10 +202,17 @@ def main() -> None:
             for q in served[:2]:
                 be.generate(SYSTEM, q.text, seed=0)
             worker.idle_power_w = worker.meter.idle_power_w()
-            worker.meter.calibrate(lambda: be.generate(SYSTEM, served[0].text, seed=0).phases())
+            warm = itertools.cycle(calibration_prompts(served))  # as the worker calibrates
+            worker.meter.calibrate(lambda: be.generate(SYSTEM, next(warm).text, seed=0).phases())
             print(f"# {backend}: loaded and calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
+            checked = _chosen(be, served, args.references)
             for max_new in sorted(lengths):
-                r = run_setting(worker, be, served, max_new, args.reference_s, nvml) | {"backend": backend}
+                r = run_setting(worker, be, served, checked, max_new, args.reference_s) | {"backend": backend}
+                dump = r.pop("_dump")
+                if args.dump:
+                    Path(args.dump).mkdir(parents=True, exist_ok=True)
+                    (Path(args.dump) / f"{backend}-{max_new}.json").write_text(json.dumps(dump | {
+                        "backend": backend, "max_new_tokens": max_new, "gpu": torch.cuda.get_device_name(0)}))
                 results.append(r)
                 print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
             worker.meter.close()
@@ -179,6 +232,9 @@ def main() -> None:
               f"{r['checks_at_3000']['n']:>5} {r['checks_at_3000']['cost_share']:>7.1%}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.dump:  # the independent poll, wall clock: (gpu, time, counter J)
+        np.save(Path(args.dump) / "nvml_poll.npy", np.concatenate(
+            [np.column_stack([np.full(len(v), g), v]) for g, v in nvml.samples.items()]))
 
 
 if __name__ == "__main__":

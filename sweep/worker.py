@@ -32,11 +32,23 @@ OPEN_RETRY_S = 0.5
 OPEN_TIMEOUT_S = 300.0
 # Power samples reach the store at least this often (and when a job ends).
 POWER_WRITE_S = 30.0
+# Prompts the first fit of the counter cycles through (sweep.measure.CounterMeter.calibrate).
+CALIBRATION_PROMPTS = 8
 
 
 def request_seed(seed: int, task: str, prompt_id: str) -> int:
     """Sampling seed of one request: the same for every model and every rerun."""
     return int.from_bytes(hashlib.sha1(f"{seed}\0{task}\0{prompt_id}".encode()).digest()[:4], "little")
+
+
+def calibration_prompts(prompts: list[Prompt], n: int = CALIBRATION_PROMPTS) -> list[Prompt]:
+    """n of the job's prompts, evenly spread over their lengths: the first fit of the
+    counter sees prefills of every size, so it tells prefill's power from decode's
+    before the first row is stored."""
+    by_length = sorted(prompts, key=lambda p: len(p.text))
+    if len(by_length) <= n:
+        return by_length
+    return [by_length[round(i * (len(by_length) - 1) / (n - 1))] for i in range(n)] if n > 1 else by_length[:1]
 
 
 def _device_info(num_gpus: int) -> dict[str, Any]:
@@ -190,8 +202,8 @@ class Worker:
         for p in warm:
             self.backend.generate(system_prompt, p.text, seed=0)
         self.idle_power_w = self.meter.idle_power_w()
-        if warm:  # the counter's first fit: the warm-up prompts again, back to back
-            cycle, took = itertools.cycle(warm), []
+        if warm:  # the counter's first fit: prompts of the job's range of lengths, back to back
+            cycle, took = itertools.cycle(calibration_prompts(prompts)), []
 
             def run():
                 out = self.backend.generate(system_prompt, next(cycle).text, seed=0)

@@ -264,3 +264,18 @@ def test_requests_the_counter_never_counted_are_stored_without_energy_saying_why
     lost = sorted(k for k, f in rows.items() if f.energy_j is None)
     assert rows[0].energy_j is not None and lost and lost == list(range(lost[0], 20))
     assert all("log stopped" in rows[k].note for k in lost)
+
+
+def test_the_first_fit_runs_prompts_spread_over_the_jobs_lengths():
+    """The calibration cycles through prompts from the shortest to the longest of the job,
+    so the first stored rows rest on a fit that has seen prefills of every size."""
+    from sweep.prompts import Prompt
+    from sweep.worker import calibration_prompts
+
+    prompts = [Prompt(prompt_id=f"p{i}", text="x" * (10 + (i * 37) % 500)) for i in range(100)]
+    chosen = calibration_prompts(prompts, 8)
+    lengths = [len(p.text) for p in chosen]
+    assert len(chosen) == 8 and lengths == sorted(lengths)
+    assert lengths[0] == min(len(p.text) for p in prompts) and lengths[-1] == max(len(p.text) for p in prompts)
+    assert len({p.prompt_id for p in chosen}) == 8
+    assert calibration_prompts(prompts[:3], 8) == sorted(prompts[:3], key=lambda p: len(p.text))
