@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 from sweep.quality import ENERGY_FLAGS, WINDOW_FLAGS
 from sweep.record import RESULT_SCHEMA
 
-KEYS = ["run_id", "gpu", "model", "backend", "task"]
+KEYS = ["run_id", "gpu", "model", "backend", "task", "concurrency"]
 # Partials keep the GPU's name as the device reports it; figures group by `gpu_label` of it.
-PARTIAL_KEYS = ["run_id", "gpu_name", "model", "backend", "task"]
+PARTIAL_KEYS = ["run_id", "gpu_name", "model", "backend", "task", "concurrency"]
 PART_FILE = "part_file"
 # A worker: `validate` compares the same GPU model across workers.
 WORKER_KEYS = ["host", "gpu_index"]
@@ -130,6 +130,7 @@ def _row_table(scan: pa.Table, run_id: str | None = None) -> pa.Table:
     if run_id is not None:
         cols["run_id"] = pa.repeat(pa.scalar(run_id, pa.string()), scan.num_rows)
     cols["backend"] = pc.fill_null(scan["backend"], BACKEND_WHEN_ABSENT)
+    cols["concurrency"] = pc.fill_null(scan["concurrency"], 1)  # rows from before the column
     for figure, (column, only_measured) in MEANS.items():
         v = _float(scan[column])
         cols[figure] = pc.if_else(measured, v, _NULL) if only_measured else v
@@ -204,8 +205,8 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, 
             # The file's position in `paths`: a number to group by, its name once per group.
             tagged = pa.concat_tables(t.append_column(PART_FILE, pa.repeat(pa.scalar(start + i, pa.int32()), t.num_rows))
                                       for i, t in enumerate(tables))
-            if ids is not None:
-                ids.append(tagged.select(["model", "task", "prompt_id", PART_FILE]))
+            if ids is not None:  # per job: "task" is the job's key (sweep.record.job_key)
+                ids.append(_job_ids(tagged))
             out.append(_group(_row_table(tagged, run_id), keys))
     table = pa.concat_tables(out)
     names = pa.array([Path(p).name for p in paths], pa.string())
@@ -216,6 +217,18 @@ def partials(paths: list[Path], by_file: bool = False, by_worker: bool = False, 
     if ids is not None:
         ids[:] = [named(t) if by_file else t.drop_columns([PART_FILE]) for t in ids]
     return named(table) if by_file else table
+
+
+def job_keys(task, concurrency):
+    """The job key (sweep.record.job_key) of each row, as an Arrow array."""
+    n = pc.fill_null(concurrency, 1)
+    return pc.if_else(pc.equal(n, 1), task, pc.binary_join_element_wise(task, pc.cast(n, pa.string()), "@c"))
+
+
+def _job_ids(tagged: pa.Table) -> pa.Table:
+    """(model, job key as "task", prompt_id, part_file) of scanned rows."""
+    return pa.table({"model": tagged["model"], "task": job_keys(tagged["task"], tagged["concurrency"]),
+                     "prompt_id": tagged["prompt_id"], PART_FILE: tagged[PART_FILE]})
 
 
 def partials_of_table(rows: pa.Table) -> pa.Table:

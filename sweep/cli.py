@@ -60,7 +60,7 @@ def cmd_run(argv: list[str]) -> int:
         if args.dry_run:
             p = plan(req, store, inputs)
             for j in p.jobs:
-                print(f"  {j}: {p.stored[(j.model, j.task)]}/{len(inputs.prompt_set.prompts)} stored")
+                print(f"  {j}: {p.stored[(j.model, j.key)]}/{len(inputs.prompt_set.prompts)} stored")
             return 0
         with store.driver_lock():  # one driver per run, held until it exits
             end = run_session(req, store, inputs, plan(req, store, inputs))

@@ -42,6 +42,17 @@ def _not_blank(text: str) -> str:
     return text
 
 
+def concurrency_levels(levels: tuple[int, ...]) -> tuple[int, ...]:
+    if not levels:
+        raise ValueError("must list at least one level, e.g. [1, 4, 16]")
+    for n in levels:
+        if isinstance(n, bool) or n < 1 or n > 4096:
+            raise ValueError(f"each level is a number of requests in flight, 1 to 4096 (got {n!r})")
+    if len(set(levels)) != len(levels):
+        raise ValueError("levels must be unique")
+    return tuple(levels)
+
+
 class ServerSpec(_Strict):
     """How the `server` backend reaches its serving engine: a command the worker starts on its
     own GPUs (placeholders: {path} {port} {dtype} {context_length} {max_new_tokens} {gpus}
@@ -69,6 +80,13 @@ class ModelSpec(_Strict):
     resources: dict[str, float] = Field(default_factory=dict,
                                         description="Ray custom resources each worker needs, e.g. {node_b: 1}")
     server: ServerSpec | None = None  # backend: server only
+    # Requests in flight at once, one job each (default: tasks.yaml generation.concurrency).
+    concurrency: tuple[int, ...] | None = None
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_levels(cls, levels: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return None if levels is None else concurrency_levels(levels)
 
     @field_validator("resources")
     @classmethod
@@ -175,6 +193,14 @@ class GenerationSettings(_Strict):
     # "dynamic" is plain HF generate, as in the 2023 measurement.
     cache_implementation: Literal["dynamic", "static"] = "dynamic"
     warmup_requests: int = Field(default=3, ge=0)
+    # Requests in flight at once: one job per level (models.yaml may override per model);
+    # above 1 only through backend: server.
+    concurrency: tuple[int, ...] = (1,)
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_levels(cls, levels: tuple[int, ...]) -> tuple[int, ...]:
+        return concurrency_levels(levels)
 
     @model_validator(mode="after")
     def _room_for_prompt(self) -> "GenerationSettings":
@@ -291,9 +317,16 @@ def load_tasks(path: str | Path) -> TasksFile:
     return tasks
 
 
-def check_model_tasks(models_path: str | Path, models: ModelsFile, tasks: TasksFile) -> None:
+def check_model_tasks(models_path: str | Path, models: ModelsFile, tasks: TasksFile,
+                      tasks_path: str | Path = "tasks.yaml") -> None:
     known = {t.name for t in tasks.tasks}
     for i, spec in enumerate(models.models):
+        levels = spec.concurrency or tasks.generation.concurrency
+        if spec.backend != "server" and max(levels) > 1:
+            where = (f"{models_path}: models[{i}].concurrency" if spec.concurrency
+                     else f"{tasks_path}: generation.concurrency")
+            raise ConfigError(f"{where}: {spec.name!r} (backend {spec.backend}) serves one request at a time; "
+                              f"concurrency above 1 needs backend: server (set concurrency: [1] on the model)")
         for j, task in enumerate(spec.tasks or ()):
             if task not in known:
                 raise ConfigError(

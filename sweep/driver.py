@@ -170,12 +170,12 @@ class _Sweep:
 
     def _fail(self, job: Job, error: str) -> None:
         try:
-            self.store.record_failure(job.model, job.task, error)
+            self.store.record_failure(job.model, job.key, error)
         except OSError as exc:
             if is_disk_full(exc):
                 raise _DiskFull(str(exc)) from None
             raise
-        self.outcome.failed.append({"model": job.model, "task": job.task, "error": error})
+        self.outcome.failed.append({"model": job.model, "task": job.key, "error": error})
 
     def _start(self) -> None:
         """Ray, the writer on this node, the jobs no node can take failed at once, the
@@ -225,7 +225,7 @@ class _Sweep:
         if job is None:
             return False
         self.attempts[job] = self.attempts.get(job, 0) + 1
-        ref = actor.run_job.options(name=f"{job.model} / {job.task}").remote(job.task, self.prompts_ref)
+        ref = actor.run_job.options(name=str(job)).remote(job.key, self.prompts_ref)
         self.inflight[ref] = (actor, model, job)
         return True
 
@@ -281,7 +281,7 @@ class _Sweep:
         if result.get("disk_full"):
             raise _DiskFull(f"writing {self.store.run_dir} ({job}): {result['error']}")
         if result["ok"]:
-            self.store.clear_failure(job.model, job.task)
+            self.store.clear_failure(job.model, job.key)
             if not self._assign(actor, model):
                 self._retire(actor, model)
             return

@@ -1,6 +1,6 @@
 """The plan of jobs, and which job or model goes next.
 
-A job is one (model, task). Workers keep a loaded model for all of its tasks, so the
+A job is one (model, task, concurrency). Workers keep a loaded model for all of its tasks, so the
 scheduler hands a finished worker the next job of the same model; a free GPU slot goes
 first to a model nobody runs yet, then to the model with the most jobs still waiting
 (a second copy of it, so that no GPU idles while work remains).
@@ -12,20 +12,28 @@ from collections import deque
 from dataclasses import dataclass
 
 from sweep.config import ModelsFile, TasksFile
+from sweep.record import job_key
 
 
 @dataclass(frozen=True)
 class Job:
     model: str
     task: str
+    concurrency: int = 1
+
+    @property
+    def key(self) -> str:
+        """The job's task as the store and the writer name it (sweep.record.job_key)."""
+        return job_key(self.task, self.concurrency)
 
     def __str__(self) -> str:
-        return f"{self.model} / {self.task}"
+        return f"{self.model} / {self.task}" + (f" / concurrency {self.concurrency}" if self.concurrency > 1 else "")
 
 
 def make_plan(models: ModelsFile, tasks: TasksFile) -> list[Job]:
     order = [t.name for t in tasks.tasks]
-    return [Job(m.name, t) for m in models.models for t in order if m.tasks is None or t in m.tasks]
+    return [Job(m.name, t, n) for m in models.models for t in order if m.tasks is None or t in m.tasks
+            for n in (m.concurrency or tasks.generation.concurrency)]
 
 
 class Scheduler:

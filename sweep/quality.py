@@ -24,6 +24,8 @@ FLAGS = {
     "power_above_limit": f"mean power of the window above {POWER_HIGH_OF_LIMIT:g} x the GPU's enforced power limit",
     "max_new_tokens": "the response was cut at max_new_tokens",
     "prompt_truncated": "the prompt was cut to fit the context",
+    "outside_steady": "served at concurrency N while fewer than N requests were in flight (the job's ramp-up or "
+                      "tail): its energy is right, but not that of the steady state",
 }
 # Flags that say the row's energy figure itself is unreliable.
 ENERGY_FLAGS = ("coarse_window", "zero_counter", "counter_reset", "power_below_idle", "power_above_limit")
@@ -34,7 +36,7 @@ WINDOW_FLAGS = ("coarse_window", "zero_counter")
 
 def row_flags(*, metered: bool, window_s: float, energy_j: float | None, zero_counter: bool, counter_reset: bool,
               idle_power_w: float | None, power_limit_w: float | None, stop_reason: str,
-              prompt_truncated: bool, energy_s: float | None = None) -> list[str]:
+              prompt_truncated: bool, energy_s: float | None = None, outside_steady: bool = False) -> list[str]:
     """The flags of one request. `metered`: a GPU energy counter bracketed it (a CPU row
     has no energy, and so no energy flags). `energy_s`: the seconds energy_j covers (its
     window, unless it was attributed to the request's own phases)."""
@@ -55,6 +57,8 @@ def row_flags(*, metered: bool, window_s: float, energy_j: float | None, zero_co
         flags.append("max_new_tokens")
     if prompt_truncated:
         flags.append("prompt_truncated")
+    if outside_steady:
+        flags.append("outside_steady")
     return flags
 
 

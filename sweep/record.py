@@ -80,11 +80,27 @@ class ResultRow:
     tokens_from: str | None = _col(pa.string(), "what counted response_tokens: 'backend' (the model's own tokens), "
                                                 "'server usage' or 'tokenizer' (the response's text re-tokenized)", None)
 
+    concurrency: int = _col(pa.int32(), "requests in flight at once in this row's job (1: one at a time, as in "
+                                       "2023); null in runs from before, read as 1", 1)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 RESULT_SCHEMA = pa.schema([(f.name, f.metadata["arrow"]) for f in fields(ResultRow)])
+
+
+def job_key(task: str, concurrency: int = 1) -> str:
+    """The name of a job's task in the store, the writer and the failure records: the task
+    itself at concurrency 1 (as before there was concurrency), `<task>@c<N>` above. Task
+    names cannot hold '@' (tasks.yaml)."""
+    return task if concurrency == 1 else f"{task}@c{concurrency}"
+
+
+def split_job_key(key: str) -> tuple[str, int]:
+    """(task, concurrency) of a job key."""
+    task, sep, n = key.partition("@c")
+    return (task, int(n)) if sep and n.isdigit() else (key, 1)
 
 
 # A job's reference check (sweep/measure.py): one of its requests, the same seed each time,

@@ -47,7 +47,7 @@ class Inputs:
 class Plan:
     manifest: dict | None  # the stored run's, merged for this session; None for a new run
     jobs: list[Job]
-    stored: dict[tuple[str, str], int]  # rows already stored per (model, task)
+    stored: dict[tuple[str, str], int]  # rows already stored per (model, job key)
     todo: list[Job]
 
 
@@ -69,7 +69,7 @@ def load_inputs(req: Request) -> Inputs:
         raise ConfigError("command line: --cpu-workers: must be at least 1")
     models = load_models(req.config)
     tasks = with_overrides(load_tasks(req.tasks), req.max_prompts, req.max_new_tokens)
-    check_model_tasks(req.config, models, tasks)
+    check_model_tasks(req.config, models, tasks, req.tasks)
     known = {t.name for t in tasks.tasks}
     for name in req.only_tasks:
         if name not in known:
@@ -100,8 +100,8 @@ def plan(req: Request, store, inputs: Inputs) -> Plan:
                   f"folder: it continues as {store.run_dir.name!r}, and its rows are read as this run's")
     jobs = [j for j in make_plan(models, tasks) if not req.only_tasks or j.task in req.only_tasks]
     wanted = {p.prompt_id for p in prompt_set.prompts}
-    stored = {(j.model, j.task): len(done.get((j.model, j.task), set()) & wanted) for j in jobs}
-    todo = [j for j in jobs if stored[(j.model, j.task)] < len(prompt_set.prompts)]
+    stored = {(j.model, j.key): len(done.get((j.model, j.key), set()) & wanted) for j in jobs}
+    todo = [j for j in jobs if stored[(j.model, j.key)] < len(prompt_set.prompts)]
     print(
         f"{'Resuming' if manifest else 'New'} run {store.run_dir.name}: {len(models.models)} model(s) x "
         f"{len(tasks.tasks)} task(s), {len(prompt_set.prompts)} prompts from {prompt_set.source} "
@@ -158,19 +158,19 @@ def _prepare(store, inputs: Inputs, p: Plan, run_id: str) -> tuple[dict, dict]:
     for j in (j for j in p.jobs if j not in p.todo):
         # Every row stored: whatever failed before (a writer killed while it closed the
         # job), the job is not failed.
-        store.clear_failure(j.model, j.task)
+        store.clear_failure(j.model, j.key)
         # A job whose last rows a crash left only in its log counts as done (a resume reads
         # logs too) and is not run again: its rows move into the dataset here.
-        slug = job_slug(j.model, j.task)
+        slug = job_slug(j.model, j.key)
         if (store.wal_dir / f"{slug}.jsonl").is_file():
             try:
                 with store.job_lock(slug, timeout_s=0):
-                    store.recover_wal(slug, j.model, j.task)
+                    store.recover_wal(slug, j.model, j.key)
             except TimeoutError:  # a leftover writer still holds it: its end writes them
                 pass
     # Part files that a crash left uncompacted (or a compaction cut short left behind) are
     # merged now for the jobs this session will not touch; the others are when they end.
-    compacted, _, _ = store.compact_run(skip={job_slug(j.model, j.task) for j in p.todo})
+    compacted, _, _ = store.compact_run(skip={job_slug(j.model, j.key) for j in p.todo})
     if compacted:
         print(f"Compacted the part files of {compacted} job(s) that an earlier session left uncompacted")
     return manifest, session

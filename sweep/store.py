@@ -71,6 +71,7 @@ import pyarrow.parquet as pq
 
 from sweep.logs import warn
 from sweep.record import POWER_SCHEMA, REFERENCE_SCHEMA, RESULT_SCHEMA  # noqa: F401  (readers import them from here too)
+from sweep.record import job_key, split_job_key
 
 # Rows reach Parquet when this many are waiting, or this long after the last part file.
 FLUSH_ROWS = 64
@@ -119,7 +120,7 @@ _replaces_cache: dict[str, frozenset[str]] = {}
 _ORIGINS = (("part", lambda o: o.startswith("results~")), ("power", lambda o: o.startswith("power~")),
             ("reference", lambda o: o.startswith("references~")),
             ("manifest", lambda o: o == "manifest.json"), ("prompts", lambda o: o == "prompts.parquet"),
-            ("failure", lambda o: o.startswith("failures~")), ("imported", lambda o: o == "aggregates.parquet"))
+            ("failure", lambda o: o.startswith("failures~")), ("job", lambda o: o.startswith("jobs~")), ("imported", lambda o: o == "aggregates.parquet"))
 _CONSEQUENCES = {
     "part": "damaged part file{s}: their rows are not counted, and a resume measures them again",
     "power": "damaged power file{s}: those power samples are not shown; energy figures are unaffected",
@@ -128,6 +129,7 @@ _CONSEQUENCES = {
                 "checked), and a resume is refused until a manifest is put back",
     "prompts": "damaged prompts file{s}: prompt texts are not shown; a resume writes them again",
     "failure": "damaged failure record{s}: not listed as failed",
+    "job": "damaged job figures file{s}: those jobs' steady windows are not shown or checked",
     "imported": "damaged imported aggregates: the run shows no figures until it is imported again",
     "other": "damaged file{s}",
 }
@@ -218,6 +220,7 @@ class RunStore:
         self.failures_dir = self.run_dir / "failures"
         self.power_dir = self.run_dir / "power"
         self.references_dir = self.run_dir / "references"
+        self.jobs_dir = self.run_dir / "jobs"  # per job above concurrency 1: its steady windows
         self.locks_dir = self.run_dir / "locks"
         self.quarantine_dir = self.run_dir / QUARANTINE
         self.manifest_path = self.run_dir / "manifest.json"
@@ -426,18 +429,21 @@ class RunStore:
                 damaged += 1
         return damaged
 
-    def _dataset_ids(self, model: str | None, task: str | None) -> dict[tuple[str, str], set[str]]:
-        """{(model, task): prompt ids in the Parquet dataset}, optionally for one job."""
+    def _dataset_ids(self, model: str | None, key: str | None) -> dict[tuple[str, str], set[str]]:
+        """{(model, job key): prompt ids in the Parquet dataset}, optionally for one job."""
         done: dict[tuple[str, str], set[str]] = {}
-        flt = None if model is None else (ds.field("model") == model) & (ds.field("task") == task)
-        table = self.read_parts(columns=["model", "task", "prompt_id"], filter=flt)
-        for m, t, p in zip(*(table.column(c).to_pylist() for c in ("model", "task", "prompt_id"))):
-            done.setdefault((m, t), set()).add(p)
+        flt = None if model is None else (ds.field("model") == model) & (ds.field("task") == split_job_key(key)[0])
+        table = self.read_parts(columns=["model", "task", "concurrency", "prompt_id"], filter=flt)
+        for m, t, n, p in zip(*(table.column(c).to_pylist() for c in ("model", "task", "concurrency", "prompt_id"))):
+            k = job_key(t, n or 1)
+            if key is None or k == key:
+                done.setdefault((m, k), set()).add(p)
         return done
 
     def done_prompt_ids(self, model: str | None = None, task: str | None = None) -> dict[tuple[str, str], set[str]]:
-        """{(model, task): stored prompt ids}, optionally for one job only. Rows still only
-        in a write-ahead log count as stored: the job moves them into the dataset first."""
+        """{(model, job key): stored prompt ids}, optionally for one job only (`task`: its
+        key, sweep.record.job_key). Rows still only in a write-ahead log count as stored:
+        the job moves them into the dataset first."""
         done = self._dataset_ids(model, task)
         wals = [self.wal_dir / f"{job_slug(model, task)}.jsonl"] if model is not None else self.wal_dir.glob("*.jsonl")
         for wal in wals:
@@ -447,7 +453,8 @@ class RunStore:
             if skipped:
                 warn(f"{wal}: {skipped} line(s) that are not rows skipped (damaged); the rest is kept")
             for row in rows:
-                done.setdefault((row["model"], row["task"]), set()).add(row["prompt_id"])
+                done.setdefault((row["model"], job_key(row["task"], row.get("concurrency") or 1)), set()).add(
+                    row["prompt_id"])
         return done
 
     def write_part(self, rows: list[dict], slug: str) -> Path:
@@ -471,6 +478,36 @@ class RunStore:
         with open(path, "a", encoding="utf-8", errors="replace") as fh:
             fh.write(text)
         return path
+
+    def append_job_figures(self, slug: str, model: str, key: str, figures: dict) -> Path:
+        """One session's figures of a job served at concurrency > 1 (its steady window, the
+        counter over the job), added to runs/<id>/jobs/<slug>.json (a resumed job has one
+        entry per session that ran it)."""
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        path = self.jobs_dir / f"{slug}.json"
+        record = self._job_record(path) or {"model": model, "task": key, "sessions": []}
+        record["sessions"].append(figures)
+        _write_json_atomic(path, record)
+        return path
+
+    def _job_record(self, path: Path) -> dict | None:
+        try:
+            record = strict_json(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (ValueError, RecursionError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("model"), str) and isinstance(record.get("task"), str) \
+                and isinstance(record.get("sessions"), list) and all(isinstance(x, dict) for x in record["sessions"]):
+            return record
+        self.set_aside(path, "damaged job figures (not a JSON object with model, task, sessions)")
+        return None
+
+    def job_figures(self) -> list[dict]:
+        """Every job's record of runs/<id>/jobs/ ({"model", "task": the job key, "sessions"})."""
+        if not self.jobs_dir.is_dir():
+            return []
+        return [r for p in sorted(self.jobs_dir.glob("*.json")) if (r := self._job_record(p)) is not None]
 
     def write_reference_part(self, checks: pa.Table, slug: str) -> Path:
         """Reference checks (REFERENCE_SCHEMA), as a part file of runs/<id>/references/."""
@@ -585,8 +622,11 @@ class RunStore:
         return compacted, removed, busy
 
     def read_results(self):
-        """All stored rows as a pandas DataFrame (empty, with the schema, if none)."""
-        return self.read_parts().to_pandas()
+        """All stored rows as a pandas DataFrame (empty, with the schema, if none); rows from
+        before the concurrency column read as concurrency 1."""
+        df = self.read_parts().to_pandas()
+        df["concurrency"] = df["concurrency"].fillna(1).astype("int64")
+        return df
 
     # -- jobs -------------------------------------------------------------------------
     @contextmanager
@@ -755,6 +795,10 @@ class JobWriter:
     def append_power(self, samples: pa.Table) -> None:
         """Power samples are written at once: a worker sends them every ~30 s."""
         self.store.write_power_part(samples, self.slug)
+
+    def append_job(self, figures: dict) -> None:
+        """A job's own figures (sweep.worker: `model` and `task`, its key, among them)."""
+        self.store.append_job_figures(self.slug, figures["model"], figures["task"], figures)
 
     def append_reference(self, check: dict) -> None:
         """A reference check is written at once (a few per job)."""

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from sweep.aggregate import WORKER_KEYS, finish, job_figures, worker_partials
 from sweep.quality import FLAGS
+from sweep.record import job_key
 from sweep.store import RunStore
 
 ERROR, WARNING = "error", "warning"
@@ -35,6 +36,10 @@ TEMPERATURE_MAX_C = 85.0
 # deviation above which its energy figures are wrong, and above which they are suspect.
 ATTRIBUTION_ERROR = 0.05
 ATTRIBUTION_WARNING = 0.02
+# A job at concurrency N > 1: how long N requests must be in flight for its energy per token
+# to be a steady state, and how close its rows must add up to the counter over the job.
+STEADY_WINDOW_MIN_S = 30.0
+TOKEN_SHARE_SUM_MAX = 0.01
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class RunFacts:
     max_temperature_c: dict[str, float] = field(default_factory=dict)  # "host gpu N" -> highest reading
     plan_note: str | None = None  # why there is no plan
     references: pd.DataFrame = field(default_factory=lambda: reference_frame(pa.table({})))  # see reference_frame
+    job_records: list[dict] = field(default_factory=list)  # runs/<id>/jobs/ (RunStore.job_figures)
 
 
 def _job_name(model: str, task: str) -> str:
@@ -146,11 +152,12 @@ def check_flagged_share(f: RunFacts) -> list[Expectation]:
     out = []
     for r in f.jobs[f.jobs["measured"] > 0].itertuples():
         ok = r.flagged_share <= FLAGGED_SHARE_MAX
-        msg = f"{_job_name(r.model, r.task)} on {r.gpu}: {r.flagged_share:.0%} of measured rows flagged"
+        name = _job_name(r.model, job_key(r.task, r.concurrency))
+        msg = f"{name} on {r.gpu}: {r.flagged_share:.0%} of measured rows flagged"
         if r.coarse_share > 0:
             msg += f" ({r.coarse_share:.0%} with windows under 1 s: {FLAGS['coarse_window'].split(': ')[1]})"
         out.append(Expectation("flagged_share", ok, WARNING, msg + ("" if ok else f"; at most {FLAGGED_SHARE_MAX:.0%}"),
-                               r.model, r.task))
+                               r.model, job_key(r.task, r.concurrency)))
     return out
 
 
@@ -158,7 +165,9 @@ def check_host_bound(f: RunFacts) -> list[Expectation]:
     """The GPU works during requests: mean power well above idle."""
     out = []
     # Rows written before mean_power_w existed have none: nothing to judge.
-    known = (f.jobs["measured"] > 0) & f.jobs["idle_power"].notna() & f.jobs["mean_power"].notna()
+    # A row's power at concurrency > 1 is its share of the GPU's: not comparable with idle.
+    known = (f.jobs["measured"] > 0) & f.jobs["idle_power"].notna() & f.jobs["mean_power"].notna() \
+        & (f.jobs["concurrency"] == 1)
     for r in f.jobs[known].itertuples():
         ratio = r.mean_power / r.idle_power
         ok = ratio > HOST_BOUND_OF_IDLE
@@ -227,8 +236,37 @@ def check_attribution(f: RunFacts) -> list[Expectation]:
     return out
 
 
+def check_steady_window(f: RunFacts) -> list[Expectation]:
+    """Each job at concurrency N > 1 had N requests in flight for at least 30 s (its energy per
+    token is a steady state), and its rows add up to the counter over the job (within 1%)."""
+    out = []
+    for record in f.job_records:
+        model, task = record["model"], record["task"]
+        for i, s in enumerate(record["sessions"]):
+            name = _job_name(model, task) + (f" (session {i + 1})" if len(record["sessions"]) > 1 else "")
+            window = s.get("steady_window_s")
+            if window is None:
+                out.append(Expectation("steady_window", False, WARNING, f"{name}: no steady window ({s.get('note')})",
+                                       model, task))
+                continue
+            ok = window >= STEADY_WINDOW_MIN_S
+            why = "" if ok else (f"; too few prompts for concurrency {s.get('concurrency')}: its energy per token is "
+                                 f"not a steady state's (more prompts lengthen it)")
+            out.append(Expectation("steady_window", ok, WARNING,
+                                   f"{name}: {s.get('concurrency')} requests in flight for {window:.1f} s (at least "
+                                   f"{STEADY_WINDOW_MIN_S:.0f} s){why}", model, task))
+            counter, rows = s.get("counter_energy_j"), s.get("rows_energy_j")
+            if counter:
+                dev = rows / counter - 1.0
+                out.append(Expectation("token_share_sum", abs(dev) <= TOKEN_SHARE_SUM_MAX, ERROR,
+                                       f"{name}: rows sum to {rows:.1f} J, the counter over the job {counter:.1f} J "
+                                       f"({dev:+.2%}; at most {TOKEN_SHARE_SUM_MAX:.0%})", model, task))
+    return out
+
+
 CHECKS = [check_complete, check_no_duplicates, check_energy_present, check_idle_power, check_flagged_share,
-          check_host_bound, check_worker_spread, check_failures, check_temperature, check_attribution]
+          check_host_bound, check_worker_spread, check_failures, check_temperature, check_attribution,
+          check_steady_window]
 
 
 def run_checks(facts: RunFacts) -> list[Expectation]:
@@ -256,8 +294,8 @@ def _planned_jobs(manifest: dict | None) -> tuple[list[tuple[str, str]] | None, 
     sessions = [s for s in manifest.get("sessions", []) if isinstance(s, dict)]
     if sessions and all(isinstance(s.get("tasks"), list) for s in sessions):
         asked = {t for s in sessions for t in s["tasks"]}
-        return [(j.model, j.task) for j in make_plan(models, tasks) if j.task in asked], None
-    return [(j.model, j.task) for j in make_plan(models, tasks)], None
+        return [(j.model, j.key) for j in make_plan(models, tasks) if j.task in asked], None
+    return [(j.model, j.key) for j in make_plan(models, tasks)], None
 
 
 def stored_counts(ids: pa.Table, planned_prompts: set[str]) -> pd.DataFrame:
@@ -298,7 +336,7 @@ def temperatures(store: RunStore, seen: dict[str, dict[str, float]] | None = Non
 
 def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, stored: pd.DataFrame,
           failures: list[dict], max_temperature_c: dict[str, float], jobs: pd.DataFrame | None = None,
-          references: pd.DataFrame | None = None) -> RunFacts:
+          references: pd.DataFrame | None = None, job_records: list[dict] | None = None) -> RunFacts:
     """RunFacts from what a reader already has: partials by worker (sweep.aggregate),
     `stored_counts` of the row ids, the job figures when it made them already, and the
     reference checks (`reference_facts`)."""
@@ -306,12 +344,13 @@ def facts(manifest: dict | None, planned_prompts: set[str], parts: pa.Table, sto
     jobs = job_figures(parts) if jobs is None else jobs
     refs = reference_frame(pa.table({})) if references is None else references
     if len(refs) and len(jobs):
-        gpu_time = (jobs["latency"] * jobs["responses"]).groupby([jobs["model"], jobs["task"]]).sum()
+        one = jobs[jobs["concurrency"] == 1]  # the checks are of one-at-a-time jobs
+        gpu_time = (one["latency"] * one["responses"]).groupby([one["model"], one["task"]]).sum()
         cost = refs.groupby(["model", "task"])["cost_s"].transform("sum")
         key = pd.MultiIndex.from_frame(refs[["model", "task"]])
         refs = refs.assign(cost_share=(cost / gpu_time.reindex(key).to_numpy()).to_numpy())
     return RunFacts(planned, planned_prompts, stored, jobs, finish(parts, WORKER_KEYS), failures, max_temperature_c,
-                    why, refs)
+                    why, refs, job_records or [])
 
 
 REFERENCE_COLUMNS = ["model", "task", "prompt_id", "energy_j", "row_energy_j", "row_method", "same_tokens",
@@ -359,7 +398,7 @@ def collect(store: RunStore) -> RunFacts:
     planned_prompts = set(store.read_prompts()["prompt_id"])
     parts, ids = store.scan_parts(lambda paths: worker_partials(tuple(paths), store.run_dir.name))
     return facts(store.read_manifest(), planned_prompts, parts, stored_counts(ids, planned_prompts), store.failures(),
-                 temperatures(store), references=reference_facts(store))
+                 temperatures(store), references=reference_facts(store), job_records=store.job_figures())
 
 
 def validate(store: RunStore) -> list[Expectation]:

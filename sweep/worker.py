@@ -23,7 +23,7 @@ from typing import Any, Callable
 from sweep.config import ModelSpec, TasksFile
 from sweep.prompts import Prompt
 from sweep.quality import mean_power_w, row_flags
-from sweep.record import ResultRow
+from sweep.record import ResultRow, job_key, split_job_key
 from sweep.logs import warn
 from sweep.store import is_disk_full
 
@@ -145,6 +145,9 @@ class RemoteJob:
     def append_log(self, text: str) -> None:
         self._get(self.writer.append_log.remote(self.model, self.task, self.token, text))
 
+    def append_job(self, figures: dict) -> None:
+        self._get(self.writer.append_job.remote(self.model, self.task, self.token, figures))
+
     def append_power(self, samples) -> None:
         # The writer runs one worker's calls in the order sent: these follow the rows before them.
         self._get(self.writer.append_power.remote(self.model, self.task, self.token, samples))
@@ -182,6 +185,8 @@ class Worker:
         self.idle_power_w: float | None = None
         self.request_s: float | None = None  # a request's mean latency while calibrating
         self._log_sent = 0  # characters of the serving engine's log already stored
+        self.concurrency = 1  # of the job being run
+        self._shared = None  # its TokenShareJob, while one at concurrency > 1 runs
         self.device = _device_info(num_gpus)
 
     def _load(self, prompts: list[Prompt], system_prompt: str) -> None:
@@ -213,25 +218,26 @@ class Worker:
             self.meter.calibrate(run)
             self.request_s = statistics.mean(took) if took else None
 
-    def run_job(self, task_name: str, prompts: list[Prompt]) -> dict[str, Any]:
-        """Run every prompt of (this model, task_name) not yet stored. Never raises for a
-        model problem: returns {"ok": False, "phase": "load"|"generate", "error": ...}."""
+    def run_job(self, key: str, prompts: list[Prompt]) -> dict[str, Any]:
+        """Run every prompt of (this model, the job `key`: a task, at a concurrency,
+        sweep.record.job_key) not yet stored. Never raises for a model problem: returns
+        {"ok": False, "phase": "load"|"generate", "error": ...}."""
         model = self.spec.name
+        task_name, self.concurrency = split_job_key(key)
         system_prompt = next(t.system_prompt for t in self.tasks.tasks if t.name == task_name)
         phase = "load"
         try:
-            job = RemoteJob(self.writer, model, task_name, on_stored=lambda: self.hub.advance.remote(model, task_name))
+            job = RemoteJob(self.writer, model, key, on_stored=lambda: self.hub.advance.remote(model, key))
             try:
                 todo = [p for p in prompts if p.prompt_id not in job.done]
-                self.hub.start.remote(model, task_name, len(prompts) - len(todo), len(prompts))
+                self.hub.start.remote(model, key, len(prompts) - len(todo), len(prompts))
                 if todo and self.backend is None:
                     self._load(prompts, system_prompt)
                 phase = "generate"
-                checked = self._reference_ids(task_name, prompts) if todo and self.meter.attributes else set()
-                for prompt in todo:
-                    self.serve(job, task_name, system_prompt, prompt)
-                    if prompt.prompt_id in checked:
-                        self._reference(task_name, system_prompt, prompt)
+                if self.concurrency > 1 and todo:
+                    self._serve_concurrently(job, task_name, system_prompt, todo)
+                else:
+                    self._serve_one_by_one(job, task_name, system_prompt, prompts, todo)
             finally:
                 try:
                     if self.meter is not None:
@@ -239,7 +245,7 @@ class Worker:
                 finally:
                     self._write_server_log(job)
                     try:
-                        self._write_power(job, task_name)
+                        self._write_power(job, key)
                     except Exception as exc:  # samples are lost, never the rows: the job still closes
                         warn(f"power samples of {model} / {task_name} not stored: {exc}")
                     job.close()
@@ -250,6 +256,56 @@ class Worker:
         finally:
             self.hub.finish.remote(model, task_name)
         return {"ok": True, "device": self.device}
+
+    def _serve_one_by_one(self, job, task: str, system_prompt: str, prompts: list[Prompt], todo: list[Prompt]) -> None:
+        checked = self._reference_ids(task, prompts) if todo and self.meter.attributes else set()
+        for prompt in todo:
+            self.serve(job, task, system_prompt, prompt)
+            if prompt.prompt_id in checked:
+                self._reference(task, system_prompt, prompt)
+
+    def _serve_concurrently(self, job, task: str, system_prompt: str, todo: list[Prompt]) -> None:
+        """`concurrency` requests in flight (a closed loop: each answer in sends the next
+        prompt); each row stored once the counter has counted it; the job's steady window
+        stored at its end, also when a request failed."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        from sweep.concurrent import TokenShareJob
+
+        self._shared = shared = TokenShareJob(self.meter, self.concurrency)
+        queue = iter(todo)
+        sent = min(self.concurrency, len(todo))
+
+        def one(prompt: Prompt):
+            tokens = shared.start()
+            seed = request_seed(self.tasks.prompts.seed, task, prompt.prompt_id)
+            return prompt, tokens, self.backend.generate(system_prompt, prompt.text, seed=seed, token_times=tokens)
+
+        try:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sweep-request") as pool:
+                pending = {pool.submit(one, p) for p in itertools.islice(queue, self.concurrency)}
+                if sent == len(todo):
+                    shared.last_sent()
+                while pending:
+                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        prompt, tokens, out = f.result()  # a failed request fails the job (the others finish)
+                        shared.end(tokens, (task, prompt, out), out)
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            pending.add(pool.submit(one, nxt))
+                            sent += 1
+                            if sent == len(todo):
+                                shared.last_sent()
+                    self._store_ready(job)
+                    if time.monotonic() - self._power_written_at >= POWER_WRITE_S:
+                        self._write_power(job, job_key(task, self.concurrency))
+        finally:
+            try:
+                self._store_ready(job, final=True)
+            finally:
+                self._shared = None
+                job.append_job(shared.summary() | {"model": self.spec.name, "task": job_key(task, self.concurrency)})
 
     def serve(self, writer, task: str, system_prompt: str, prompt: Prompt) -> None:
         """One request as a sweep serves it: measured, and stored durably (`writer`: a
@@ -316,6 +372,10 @@ class Worker:
         """Rows (and reference checks) the meter has finished, to the writer."""
         from sweep.measure import ReferenceFigures
 
+        if getattr(self, "_shared", None) is not None:
+            for key, figures, inside in self._shared.ready(final):
+                writer.append(self._row(*key, figures, outside_steady=not inside))
+            return
         for key, figures in self.meter.ready(final):
             if isinstance(figures, ReferenceFigures):
                 writer.append_reference(self._reference_row(figures))
@@ -330,15 +390,18 @@ class Worker:
                 "response_tokens": f.response_tokens, "cost_s": f.cost_s,
                 "started_at": datetime.fromtimestamp(f.started_unix_s, timezone.utc)}
 
-    def _row(self, task: str, prompt: Prompt, out, fig) -> dict[str, Any]:
+    def _row(self, task: str, prompt: Prompt, out, fig, outside_steady: bool = False) -> dict[str, Any]:
         """The stored row of one request and its energy figures (sweep.measure.EnergyFigures)."""
         energy = fig.energy_j
         g, b = self.tasks.generation, self.backend
         # the seconds energy_j covers: its window, or (attributed) the request's own phases
         energy_s = fig.window_s if fig.method == "window" else out.latency_s
-        flags = row_flags(metered=self.meter.available, window_s=fig.window_s, energy_j=energy,
-                          zero_counter=fig.zero_counter, counter_reset=fig.counter_reset,
-                          idle_power_w=self.idle_power_w, power_limit_w=self.meter.power_limit_w,
+        # A token-share energy has no window reading of its own, and one request's share of a
+        # GPU serving many is not comparable with the GPU's idle power or limit.
+        flags = row_flags(metered=self.meter.available and fig.method != "token_share", window_s=fig.window_s,
+                          energy_j=energy, outside_steady=outside_steady, zero_counter=fig.zero_counter,
+                          counter_reset=fig.counter_reset, idle_power_w=self.idle_power_w,
+                          power_limit_w=self.meter.power_limit_w,
                           stop_reason=out.stop_reason, prompt_truncated=out.prompt_truncated, energy_s=energy_s)
         return ResultRow(
             run_id=self.run_id,
@@ -391,4 +454,5 @@ class Worker:
             engine=b.engine,
             engine_command=b.engine_command,
             tokens_from=getattr(b, "tokens_from", None) or "backend",
+            concurrency=self.concurrency,
         ).to_dict()

@@ -98,6 +98,11 @@ class RunWriter:
         """Store one reference check of the job (sweep.record.REFERENCE_SCHEMA)."""
         self._job(model, task, token).writer.append_reference(check)
 
+    def append_job(self, model: str, task: str, token: int, figures: dict) -> None:
+        """Store a job's own figures (at concurrency > 1: its steady window), runs/<id>/jobs/."""
+        self._job(model, task, token)
+        self.store.append_job_figures(job_slug(model, task), model, task, figures)
+
     def append_log(self, model: str, task: str, token: int, text: str) -> None:
         """Append to the job's serving-engine log (runs/<id>/servers/<job>.log)."""
         self._job(model, task, token)

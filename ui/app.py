@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ui.data import RunsFolder
+from ui.data import RunsFolder, one_at_a_time
 from ui.tabs import about, compare, detail, leaderboard, limits, plots, verbosity
 from ui.views import about_runs, live_status, numeric_columns, set_aside_note
 
@@ -41,7 +41,7 @@ def _choices(agg: pd.DataFrame) -> tuple[list, list, list, list]:
     def values(col):
         return sorted(agg[col].dropna().unique().tolist()) if col in agg else []
 
-    return values("run_id"), values("gpu"), values("task"), values("backend")
+    return values("run_id"), values("gpu"), values("task"), values("runtime")
 
 
 def _newest_run(agg: pd.DataFrame, manifests: dict) -> str | None:
@@ -142,7 +142,9 @@ class _Page:
         # keep the user's choices; new runs come in ticked, new GPUs only where none is ticked
         runs = [r for r in all_runs if r in (runs or []) or r not in (old_runs or [])]
         gpus = [g for g in all_gpus if g in (gpus or [])] or _default_gpus(agg, _newest_run(agg, manifests))
-        backends = [b for b in all_backends if b in (backends or []) or b not in (old_backends or [])]
+        # A runtime seen for the first time is ticked where it serves one request at a time.
+        backends = [b for b in all_backends if b in (backends or []) or (b not in (old_backends or [])
+                                                                          and one_at_a_time(b))]
         task = task if task in all_tasks else ("chat" if "chat" in all_tasks else (all_tasks[0] if all_tasks else None))
         same_choices = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
                         and all_backends == (old_backends or []) and detail_run is not None)
@@ -180,7 +182,8 @@ def _layout(folder: RunsFolder, runs_root) -> _Page:
     with gr.Row():
         runs_in = gr.CheckboxGroup(runs0, value=runs0, label="Runs", elem_id="runs-filter")
         gpus_in = gr.CheckboxGroup(gpus0, value=_default_gpus(agg0, newest), label="GPUs", elem_id="gpus-filter")
-        backends_in = gr.CheckboxGroup(backends0, value=backends0, label="Backends", elem_id="backends-filter")
+        backends_in = gr.CheckboxGroup(backends0, value=[b for b in backends0 if one_at_a_time(b)],
+                                       label="Backends (xN: N requests in flight)", elem_id="backends-filter")
         task_in = gr.Radio(tasks0, value=task0, label="Task", elem_id="task-filter")
     filters = [runs_in, gpus_in, task_in, backends_in]  # the order every handler takes them in
     with gr.Tabs(elem_id="tabs") as tabs:

@@ -119,6 +119,34 @@ def pareto(df: pd.DataFrame, domain: list[str], log: bool = False) -> dict | Non
     ]}
 
 
+def concurrency_curves(df: pd.DataFrame, log: bool = False) -> dict | None:
+    """Time per output token against energy per token, a line per model configuration (run,
+    GPU, backend) through its concurrency levels, each point labelled with its level: the
+    trade-off of serving more requests at once. `df` has `time_per_token`."""
+    data = _positive(df, ["time_per_token", "energy_per_token"], log)
+    if data.empty or data["concurrency"].nunique() < 2:
+        return None
+    data = data.assign(config=data["model"] + " / " + data["gpu"].astype(str) + " / " + data["backend"].astype(str)
+                       + " / " + data["run_id"].astype(str))
+    x = {"field": "time_per_token", "type": "quantitative", "title": "time per output token (s)", "scale": _scale(log)}
+    y = {"field": "energy_per_token", "type": "quantitative", "title": axis_title("energy_per_token"),
+         "scale": _scale(log)}
+    colour = {"field": "model", "type": "nominal", "title": "model"}
+    tip = [{"field": c, "type": "nominal"} for c in ("model", "gpu", "backend", "run_id")] + [
+        {"field": "concurrency", "type": "quantitative", "title": "in flight"},
+        {"field": "time_per_token", "type": "quantitative", "format": ".3g", "title": "time per token (s)"},
+        {"field": "energy_per_token", "type": "quantitative", "format": ".4g", "title": "J/token"}]
+    return {**_base(), "data": {"values": _records(data)}, "layer": [
+        {"mark": {"type": "line", "strokeWidth": 2},
+         "encoding": {"x": x, "y": y, "color": colour, "detail": {"field": "config", "type": "nominal"},
+                      "order": {"field": "concurrency", "type": "quantitative"}}},
+        {"mark": {"type": "point", "filled": True, "size": 60}, "encoding": {"x": x, "y": y, "color": colour,
+                                                                             "tooltip": tip}},
+        {"mark": {"type": "text", "dx": 8, "dy": -8, "fontSize": 11},
+         "encoding": {"x": x, "y": y, "text": {"field": "concurrency", "type": "quantitative"}}},
+    ]}
+
+
 def verbosity_bars(v: pd.DataFrame, measure: str) -> dict | None:
     """One bar per (model, task pair), the pairs side by side (grouped, not stacked)."""
     data = v.dropna(subset=[measure])

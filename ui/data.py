@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from sweep.aggregate import PART_FILE, finish, partials, results_dataset
-from sweep.report import AGGREGATES_FILE, read_imported
+from sweep.aggregate import PART_FILE, finish, job_keys, partials, results_dataset
+from sweep.report import AGGREGATES_FILE, read_imported, with_status
 from sweep import validate
 from sweep.logs import warn
 from sweep.store import PartsChanged, RunStore, job_slug, part_job
@@ -32,6 +32,7 @@ DISPLAY = {
     "gpu": "gpu",
     "model": "model",
     "backend": "backend",
+    "concurrency": "in flight",
     "task": "task",
     "parameters": "params",
     "energy": "energy (J)",
@@ -81,6 +82,17 @@ class _Cached:
     counts: dict = field(default_factory=dict)  # (model, task) -> (its part files, its stored-id counts)
     planned: set = field(default_factory=set)  # the run's prompt ids the counts were made against
     references: tuple | None = None  # (reference file names, validate.reference_facts of them)
+
+
+def runtime(backend: str, concurrency: int) -> str:
+    """What the Backends filter lists: the backend, with the requests it had in flight at
+    once where that was more than one ("server x16"); one at a time is 2023's view."""
+    return str(backend) if concurrency == 1 else f"{backend} x{int(concurrency)}"
+
+
+def one_at_a_time(runtime_label: str) -> bool:
+    """Whether a Backends choice serves one request at a time (the default view, 2023's)."""
+    return " x" not in runtime_label
 
 
 @dataclass
@@ -142,7 +154,7 @@ class RunsFolder:
                 except Exception as exc:  # the figures still show; only their check is missing
                     warn(f"{run_dir}: validation failed ({type(exc).__name__}: {exc})")
                     status = pd.DataFrame(columns=["model", "task", "validation"])
-                hit.aggregates = agg.merge(status, on=["model", "task"], how="left")
+                hit.aggregates = with_status(agg, status)
         self._cache[run_dir.name] = hit
         return hit
 
@@ -152,8 +164,10 @@ class RunsFolder:
         "error"), from the partials and ids already read. The stored-id counts of a job
         are kept until its files change: a refresh recounts only the jobs being written."""
         planned = set(store.read_prompts()["prompt_id"])
-        jobs = parts.group_by(["model", "task"], use_threads=False).aggregate([(PART_FILE, "distinct")])
-        files = {(m, t): frozenset(f) for m, t, f in zip(*(jobs[c].to_pylist() for c in jobs.column_names))}
+        keyed = parts.append_column("job", job_keys(parts["task"], parts["concurrency"]))
+        jobs = keyed.group_by(["model", "job"], use_threads=False).aggregate([(PART_FILE, "distinct")])
+        files = {(m, t): frozenset(f) for m, t, f in zip(*(jobs[c].to_pylist() for c in ("model", "job",
+                                                                                        f"{PART_FILE}_distinct")))}
         if hit.planned != planned:
             hit.counts.clear()
         hit.planned = planned
@@ -170,7 +184,7 @@ class RunsFolder:
                                                                               "distinct_planned", "unplanned"])
         facts = validate.facts(store.read_manifest(), planned, parts.drop_columns([PART_FILE]), stored,
                                store.failures(), validate.temperatures(store, hit.temperatures), jobs=hit.aggregates,
-                               references=RunsFolder._references(store, hit))
+                               references=RunsFolder._references(store, hit), job_records=store.job_figures())
         return validate.job_status(validate.run_checks(facts))
 
     @staticmethod
@@ -204,8 +218,10 @@ class RunsFolder:
                 for col in NUMERIC + ["url", "energy_note", "validation", "validation_detail"]:
                     if col not in agg:
                         agg[col] = np.nan
+                agg["concurrency"] = agg["concurrency"].fillna(1) if "concurrency" in agg else 1
+                agg["runtime"] = [runtime(b, n) for b, n in zip(agg["backend"], agg["concurrency"])]
             else:  # every column a view reads, so that an empty folder shows empty views
-                agg = pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url", "measured"])))
+                agg = pd.DataFrame(columns=list(dict.fromkeys(list(DISPLAY) + NUMERIC + ["url", "measured", "runtime"])))
             self._combined = (key, agg)
         return self._combined[1].copy(deep=False)  # a caller adding a column changes its copy only
 
@@ -306,7 +322,7 @@ def verbosity(agg: pd.DataFrame) -> pd.DataFrame:
     """Per (run, gpu, model, backend) and task pair: response length and energy under the
     task and its concise twin, and what the concise prompt saved (percent, rounded to
     0.1). Each row compares one model with itself on one GPU: nothing is summed."""
-    keys = ["run_id", "gpu", "model", "backend"]
+    keys = ["run_id", "gpu", "model", "backend", "concurrency"]
     out = []
     for base in ("chat", "instruct"):
         concise = f"{base}-concise"

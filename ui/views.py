@@ -16,8 +16,8 @@ CATEGORICAL = ["gpu", "model", "backend", "task", "run_id"]
 def filter_aggregates(agg: pd.DataFrame, runs: list[str], gpus: list[str], task: str | None,
                       backends: list[str] | None = None) -> pd.DataFrame:
     df = agg[agg["run_id"].isin(runs) & agg["gpu"].isin(gpus)]
-    if backends is not None:
-        df = df[df["backend"].isin(backends)]
+    if backends is not None:  # the Backends filter lists runtimes: a backend at a concurrency (ui.data.runtime)
+        df = df[df["runtime"].isin(backends)]
     if task:
         df = df[df["task"] == task]
     return df.sort_values("energy", na_position="last").reset_index(drop=True)
@@ -52,10 +52,10 @@ DECIMALS = {"energy": 1, "energy_per_token": 3, "energy_above_idle": 1, "through
             "decode_energy_per_token": 3, "prefill_energy": 2, "flagged_share": 0}
 PERCENT = {"flagged_share"}  # shares, shown as percent
 # What fits a ~1,200 px page; the others are a tick away (Columns).
-DEFAULT_COLUMNS = ["model", "gpu", "backend", "run_id", "parameters", "energy", "energy_ci", "energy_per_token",
+DEFAULT_COLUMNS = ["model", "gpu", "backend", "concurrency", "run_id", "parameters", "energy", "energy_ci", "energy_per_token",
                    "response_length", "latency", "throughput", "flagged_share", "validation"]
 # Shown only where it tells rows apart: more than one run in view.
-ONLY_WHEN_SEVERAL = {"run_id"}
+ONLY_WHEN_SEVERAL = {"run_id", "concurrency"}
 # Shown even when empty, so that a run without energy says so instead of losing the column.
 ALWAYS = {"model", "energy"}
 COLUMN_HELP = {
@@ -65,6 +65,8 @@ COLUMN_HELP = {
     "backend": "generation runtime: transformers (HF generate, as in 2023), compiled (CUDA-graph decode loop), "
                "fastchat (2023 published results)",
     "task": "task (its system prompt is in the About tab)",
+    "concurrency": "requests in flight at once (1: one at a time, as in 2023; more: through a serving engine, "
+                   "energy by each request's share of the tokens produced)",
     "parameters": "parameters: M millions, B billions",
     "energy": "mean GPU energy per response, J: the worker's own GPUs' energy counter, each response's own "
               "window where it lasts 5 s or more, attributed from the counter over the job otherwise (About)",
@@ -155,7 +157,7 @@ def empty_note(agg: pd.DataFrame, runs, gpus, task, backends) -> str:
             held = sorted(agg.loc[agg["gpu"] == gpu, "run_id"].unique())
             return (f"_{gpu} is in no ticked run" + (f" (it is in {', '.join(held)})" if held else "") + "._")
     view = in_runs[in_runs["gpu"].isin(gpus)]
-    if backends and not view["backend"].isin(backends).any():
+    if backends and not view["runtime"].isin(backends).any():
         return f"_No ticked backend ran on {', '.join(gpus)} in the ticked runs._"
     tasks = sorted(view["task"].unique())
     return f"_No {task} rows here: the ticked runs have {', '.join(tasks) or 'no task'} on {', '.join(gpus)}._"
@@ -397,3 +399,13 @@ def timeline_note(rows: pd.DataFrame, shown: int, plotted: bool, sample_s: float
     return (f"Power of the first {shown} requests of {len(rows)}, as NVML reports it: a sample {every}, so detail "
             f"finer than that is not measured: shaded, a request's energy window; dashed, its first token (prefill "
             f"before, decode after).{figures}")
+
+
+def concurrency_frame(agg: pd.DataFrame, shown: pd.DataFrame) -> pd.DataFrame:
+    """Every concurrency level of the configurations (run, GPU, model, backend, task) in view,
+    whichever levels the filter ticks, with their time per output token (s)."""
+    keys = ["run_id", "gpu", "model", "backend", "task"]
+    if shown.empty or "concurrency" not in agg:
+        return pd.DataFrame(columns=keys + ["concurrency", "time_per_token", "energy_per_token"])
+    out = agg.merge(shown[keys].drop_duplicates(), on=keys)
+    return out.assign(time_per_token=out["latency"].astype(float) / out["response_length"].astype(float))

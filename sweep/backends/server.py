@@ -122,7 +122,7 @@ class ServerBackend(Backend):
             port = free_port()
             words = fill(server.command, path=source, port=port, dtype=spec.dtype,
                          context_length=settings.context_length, max_new_tokens=settings.max_new_tokens,
-                         gpus=spec.gpus, concurrency=1)
+                         gpus=spec.gpus, concurrency=max(spec.concurrency or settings.concurrency))
             log = Path(tempfile.mkdtemp(prefix="sweep-server-")) / "server.log"
             self.process = EngineProcess(words, log)
             self.base = f"http://127.0.0.1:{port}"
@@ -213,7 +213,10 @@ class ServerBackend(Backend):
             return text, len(ids), False
         return self.tokenizer.decode(ids[-budget:]), budget, True
 
-    def generate(self, system_prompt: str, user_text: str, seed: int) -> Generation:
+    def generate(self, system_prompt: str, user_text: str, seed: int, token_times: list | None = None) -> Generation:
+        """One streamed completion. `token_times`: a list the arrival time (monotonic) of each
+        streamed piece of text is appended to, as it arrives (requests in flight at once
+        share the counter's increments by them, sweep/concurrent.py)."""
         import httpx
 
         prompt, prompt_tokens, truncated = self._prompt(system_prompt, user_text)
@@ -231,6 +234,8 @@ class ServerBackend(Backend):
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
                         if choice.get("text"):
+                            if token_times is not None:
+                                token_times.append(time.monotonic())
                             if first is None:
                                 first = time.perf_counter() - t0
                             text.append(choice["text"])
