@@ -50,15 +50,18 @@ class TokenShareJob:
         self.requests: list[_Request] = []
         self._open: list[_Request] = []  # answered, not yet finished
         self.queue_empty_s: float | None = None
+        self.steady_start_s: float | None = None
         self.finished_j = 0.0
 
-    def start(self) -> list[float]:
+    def start(self) -> _Request:
+        """A request sent now; the backend appends its tokens' arrival times to `.tokens`."""
         r = _Request(None, time.monotonic(), time.time())
         self.requests.append(r)
-        return r.tokens
+        if len(self.requests) == self.concurrency:
+            self.steady_start_s = r.start_s  # N in flight from here
+        return r
 
-    def end(self, tokens: list[float], key: Any, out) -> None:
-        r = next(x for x in self.requests if x.tokens is tokens)
+    def end(self, r: _Request, key: Any, out) -> None:
         r.key, r.end_s = key, r.start_s + out.latency_s
         first = r.tokens[0] if r.tokens else r.end_s
         self.meter.note(Phases(r.start_s, min(first, r.end_s), r.end_s))
@@ -70,8 +73,7 @@ class TokenShareJob:
 
     def _inside(self, r: _Request) -> bool:
         """Inside the steady window: started once N were in flight, ended before it closed."""
-        starts = sorted(x.start_s for x in self.requests)
-        if len(starts) < self.concurrency or r.start_s < starts[self.concurrency - 1]:
+        if self.steady_start_s is None or r.start_s < self.steady_start_s:
             return False
         if self.queue_empty_s is None:
             return True

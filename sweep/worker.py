@@ -277,9 +277,10 @@ class Worker:
         sent = min(self.concurrency, len(todo))
 
         def one(prompt: Prompt):
-            tokens = shared.start()
+            request = shared.start()
             seed = request_seed(self.tasks.prompts.seed, task, prompt.prompt_id)
-            return prompt, tokens, self.backend.generate(system_prompt, prompt.text, seed=seed, token_times=tokens)
+            return prompt, request, self.backend.generate(system_prompt, prompt.text, seed=seed,
+                                                          token_times=request.tokens)
 
         try:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="sweep-request") as pool:
@@ -289,8 +290,8 @@ class Worker:
                 while pending:
                     done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                     for f in done:
-                        prompt, tokens, out = f.result()  # a failed request fails the job (the others finish)
-                        shared.end(tokens, (task, prompt, out), out)
+                        prompt, request, out = f.result()  # a failed request fails the job (the others finish)
+                        shared.end(request, (task, prompt, out), out)
                         nxt = next(queue, None)
                         if nxt is not None:
                             pending.add(pool.submit(one, nxt))
