@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -142,8 +141,7 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
     req_s = float(rows["latency_s"].mean())
     e = EnergySettings()
     cost_s = float(np.nanmean(costs))
-    n3000 = max(e.min_references, min(math.ceil(e.reference_share * 3000),
-                                      int(e.max_reference_cost * 3000 * req_s / cost_s)))
+    n3000 = e.references_for(3000, req_s, cost_s)
     ref_cost = n3000 * cost_s
     for pid, r in rows.iterrows():
         served[pid] |= {"energy_j": r["energy_j"], "window_energy_j": r["window_energy_j"],
@@ -156,7 +154,7 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
             "energy_j": _errors(stored, ref), "one_window": _errors(window, ref),
             "_raw": raw, "_ref": refs,
             "_dump": {"served": served, "references": periods, "counters": counters,
-                      "phases": [[q.start_s, q.first_token_s, q.end_s] for q in meter.phases],
+                      "phases": [[q.start_s, q.first_token_s, q.end_s, q.variant] for q in meter.phases],
                       "fit_start_s": meter.fit_start_s, "idle_w": meter.idle_w},
             "checks_at_3000": {"n": n3000, "cost_share": ref_cost / (3000 * req_s), "one_check_s": cost_s},
             "fit": json.loads(rows["energy_model"].dropna().iloc[-1]) if rows["energy_model"].notna().any() else None}

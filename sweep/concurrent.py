@@ -164,5 +164,5 @@ def _between_power_w(meter) -> float:
     GPU between requests), else the idle power measured at load, else 0."""
     fits = [f for f in meter._fits.per_gpu if f is not None]
     if fits and len(fits) == len(meter._fits.per_gpu):
-        return float(sum(f.scale * f.power_w[2] for f in fits))
+        return float(sum(f.scale * f.between_w for f in fits))
     return float(meter.idle_w or 0.0)

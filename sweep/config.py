@@ -7,6 +7,8 @@ and the field (`ConfigError`), and the CLI turns them into exit status 2.
 
 from __future__ import annotations
 
+import math
+
 import re
 import unicodedata
 from pathlib import Path
@@ -216,9 +218,15 @@ class EnergySettings(_Strict):
     job's GPU time allows, and at least `min_references` (0 turns the checks off)."""
 
     reference_share: float = Field(default=0.01, ge=0, le=1)
-    min_references: int = Field(default=3, ge=0)
+    min_references: int = Field(default=1, ge=0)
     max_reference_cost: float = Field(default=0.05, ge=0, le=1)
     reference_window_s: float = Field(default=5.0, ge=1.0, le=600)
+
+    def references_for(self, prompts: int, request_s: float | None, check_s: float) -> int:
+        """How many of a job's `prompts` to check, its requests taking about `request_s`
+        each and one check `check_s`."""
+        budget = self.max_reference_cost * prompts * request_s / check_s if request_s and check_s > 0 else 0.0
+        return min(prompts, max(self.min_references, min(math.ceil(self.reference_share * prompts), int(budget))))
 
 
 class PromptSettings(_Strict):

@@ -295,7 +295,7 @@ class CounterMeter:
             span = e[ib] - e[ia]
             margin = (core[0] - counted[ia]) + (counted[ib] - core[1])
             gaps = sum(b.start_s - a.end_s for a, b in zip(ref.repeats, ref.repeats[1:]))
-            between = f.scale * f.power_w[2] if f is not None else idle
+            between = f.scale * f.between_w if f is not None else idle
             total += span - idle * margin - between * gaps
         energy = None if note else total / len(ref.repeats)
         return ReferenceFigures(ref.key, len(ref.repeats), core[1] - core[0], energy, note, ref.tokens, ref.cost_s,

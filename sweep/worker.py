@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import os
 import socket
 import statistics
@@ -349,9 +348,7 @@ class Worker:
         """The job's prompts that are also measured the reference way (tasks.yaml `energy`):
         chosen by their seed, so a resumed job checks the same ones."""
         e = self.tasks.energy
-        cost_s = self.meter.reference_cost_s(e.reference_window_s)
-        budget = (e.max_reference_cost * len(prompts) * self.request_s / cost_s) if self.request_s else 0.0
-        n = min(len(prompts), max(e.min_references, min(math.ceil(e.reference_share * len(prompts)), int(budget))))
+        n = e.references_for(len(prompts), self.request_s, self.meter.reference_cost_s(e.reference_window_s))
         ranked = sorted(prompts, key=lambda p: request_seed(self.tasks.prompts.seed, task, p.prompt_id))
         return {p.prompt_id for p in ranked[:n]}
 

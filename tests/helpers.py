@@ -122,15 +122,17 @@ def tmpfs(mnt: Path, options: str):
 class SimulatedCounter:
     """A GPU's energy counter as NVML reports it, on CPU: the GPU spends `powers` (W, for
     prefill, decode, between requests; each request's powers scaled by a factor of its own,
-    `spread` wide) during the phases a meter noted, and the counter moves every `period_s`
+    `spread` wide; `decode_w_by_variant` sets the decode power of the requests of a variant)
+    during the phases a meter noted, and the counter moves every `period_s`
     to the energy spent up to `lag_s` earlier, averaged over `width_s`. Called by a
     CounterLog (`source=`): returns the moves since the last call and how far they go."""
 
     def __init__(self, meter_phases, powers=(600.0, 400.0, 150.0), lag_s=0.08, width_s=0.0, period_s=0.1,
-                 spread=0.02, seed=0):
+                 spread=0.02, seed=0, decode_w_by_variant=None):
         import random
 
         self.phases, self.powers = meter_phases, powers
+        self.decode_w_by_variant = decode_w_by_variant or {}
         self.lag_s, self.width_s, self.period_s = lag_s, width_s, period_s
         self.spread, self.rng = spread, random.Random(seed)
         self.factors: dict[tuple, tuple[float, float]] = {}
@@ -146,7 +148,10 @@ class SimulatedCounter:
     def true_energy(self, p) -> float:
         """What the GPU spent during one request (its prefill and decode), J."""
         fp, fd = self.factor(p)
-        return self.powers[0] * fp * p.prefill_s + self.powers[1] * fd * p.decode_s
+        return self.powers[0] * fp * p.prefill_s + self._decode_w(p) * fd * p.decode_s
+
+    def _decode_w(self, p) -> float:
+        return self.decode_w_by_variant.get(getattr(p, "variant", 0), self.powers[1])
 
     def spent(self, t: float) -> float:
         """Energy spent from t0 to t, J."""
@@ -158,7 +163,7 @@ class SimulatedCounter:
             pre = max(min(t, p.first_token_s) - p.start_s, 0.0)
             dec = max(min(t, p.end_s) - p.first_token_s, 0.0)
             busy += pre + dec
-            energy += self.powers[0] * fp * pre + self.powers[1] * fd * dec
+            energy += self.powers[0] * fp * pre + self._decode_w(p) * fd * dec
         return energy + self.powers[2] * (t - self.t0 - busy)
 
     def __call__(self):

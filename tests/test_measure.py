@@ -5,6 +5,7 @@ sweep.measure), against a simulated GPU whose true energy per request is known; 
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -61,6 +62,28 @@ def test_each_request_is_recovered_from_a_coarse_lagging_counter(lag_s, width_s,
         assert np.median(np.abs(window / true - 1)) > 0.15
     sigma = np.array([a.uncertainty_j for a in got])
     assert np.mean(np.abs(est - true) <= 2 * sigma) > 0.6  # the stated uncertainty is of the right size
+
+
+def test_each_decode_variant_gets_its_own_power():
+    """Short requests whose decode runs one of two kernel sets (attention lengths) at 420 W
+    and 340 W: with each request's variant known, every request within a few percent; with
+    one decode power for all, the requests of each variant are off by several percent."""
+    rng = random.Random(3)
+    phases = [replace(p, variant=rng.choice((256, 1024))) for p in _job(400, (0.03, 0.05))]
+    sim = SimulatedCounter(lambda: phases, lag_s=0.05, decode_w_by_variant={256: 420.0, 1024: 340.0})
+    sim.t0, sim.next_u = phases[0].start_s - 5.0, phases[0].start_s - 4.963
+    end = phases[-1].end_s + 2.0
+    counter = _counter(sim, end)
+    true = np.array([sim.true_energy(p) for p in phases])
+    for known, bound in ((phases, 0.02), ([replace(p, variant=0) for p in phases], None)):
+        timeline = Timeline(known)
+        f = fit(timeline, counter, phases[0].start_s, end)
+        err = np.abs(np.array([a.energy_j for a in attribute(f, timeline, counter, known)]) / true - 1)
+        if bound is not None:
+            assert np.median(err) < bound and np.quantile(err, 0.9) < 0.05, (np.median(err), np.quantile(err, 0.9))
+            assert abs(f.decode_w(256) - 420.0) < 10 and abs(f.decode_w(1024) - 340.0) < 10, f.describe()
+        else:
+            assert np.median(err) > 0.04, np.median(err)
 
 
 def test_a_resumed_job_gives_the_same_figures_as_an_uninterrupted_one():
@@ -207,7 +230,7 @@ def test_a_worker_stores_attributed_rows_and_its_reference_checks(tmp_path, quic
     worker.idle_power_w = meter.idle_power_w()
     meter.calibrate(lambda: worker.backend.generate(system, prompts[0].text, seed=0).phases())
     worker.tasks = worker.tasks.model_copy(update={"energy": worker.tasks.energy.model_copy(
-        update={"reference_window_s": 1.0})})
+        update={"reference_window_s": 1.0, "min_references": 3})})
     store = make_run(tmp_path, "r", [])
     writer = store.writer("m__chat-" + "0" * 8)
     checked = worker._reference_ids("chat", prompts)

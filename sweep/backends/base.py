@@ -38,6 +38,9 @@ class Generation:
     # their time and energy are inside the request's window.
     steps_past_stop: int = 0
     started_s: float | None = None  # time.monotonic() at the request's start (device synchronised)
+    # Which decode kernels ran (the compiled backend's attention length; 0 where all
+    # requests run the same ones): the attribution fits one decode power per variant.
+    decode_variant: int = 0
 
     def phases(self):
         """The request's prefill and decode on the monotonic clock (None without a start)."""
@@ -46,7 +49,8 @@ class Generation:
         if self.started_s is None:
             return None
         first = self.started_s + (self.ttft_s if self.ttft_s is not None else 0.0)
-        return Phases(self.started_s, min(first, self.started_s + self.latency_s), self.started_s + self.latency_s)
+        return Phases(self.started_s, min(first, self.started_s + self.latency_s), self.started_s + self.latency_s,
+                      self.decode_variant)
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ class HFModel(Backend):
         return len(generated), text, "length"
 
     def result(self, ids: torch.Tensor, truncated: bool, generated: list[int], latency_s: float,
-               ttft_s: float | None, started_s: float | None = None) -> Generation:
+               ttft_s: float | None, started_s: float | None = None, decode_variant: int = 0) -> Generation:
         """The request's record, from every token the backend generated (stop included)."""
         n_tokens, response, reason = self.trim(generated)
         # The token at index n_tokens ended the response (stop token, or the one completing a stop string).
@@ -185,4 +189,5 @@ class HFModel(Backend):
             stop_reason=reason,
             steps_past_stop=len(generated) - ended_at,
             started_s=started_s,
+            decode_variant=decode_variant,
         )

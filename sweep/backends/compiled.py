@@ -426,7 +426,7 @@ class CompiledBackend(HFModel):
                 tokens, ttft_s = self._decode_eager(ids, s.max_new_tokens, kv_len, t0)
         self._sync()
         latency_s = time.perf_counter() - t0
-        return self.result(ids, truncated, tokens, latency_s, ttft_s, started_s)
+        return self.result(ids, truncated, tokens, latency_s, ttft_s, started_s, decode_variant=kv_len)
 
     def _decode_eager(self, ids: torch.Tensor, max_new: int, kv_len: int, t0: float) -> tuple[list[int], float]:
         self._prefill(self._load_prompt(ids))

@@ -7,13 +7,16 @@ split between requests. The worker knows when each request's prefill and decode 
 (host monotonic clock, after device syncs), so the increments are fitted as the
 counter's response to that timeline:
 
-- each phase has a power: prefill, decode, and the time between requests (`KINDS`);
+- each phase has a power: prefill, decode, and the time between requests (`KINDS`); a
+  backend whose decode runs different kernels by request (the compiled backend's attention
+  lengths) names each request's `variant`, and each variant with enough decode time in the
+  fit's span gets its own decode power;
 - the counter, when it moves at time u, reports the energy spent up to `lag` before u,
   averaged over the `width` before that (`Response`; both found by the fit, from a grid of
   candidates, with the phase powers fitted by least squares at each);
-- a request's energy is its phase times at the fitted powers, scaled so that the
-  requests and the time between them add up to what the counter counted over the fit's
-  span (`Fit.scale`).
+- a request's energy is its phase times at the fitted powers, times the ratio of what the
+  counter counted to what the model predicts over the few seconds around it (`SMOOTH_S`),
+  so that the requests and the time between them add up to what the counter counted.
 
 The fit's covariance gives each request's uncertainty. Everything here is a pure
 function of (counter updates, phase timeline): the worker, the tests (with a simulated
@@ -28,6 +31,12 @@ import numpy as np
 
 PREFILL, DECODE, BETWEEN = 0, 1, 2
 KINDS = ("prefill", "decode", "between")
+# Decode seconds of a variant inside a fit's span for it to get a power of its own (below
+# it the power is too loosely determined: such variants share one).
+MIN_VARIANT_DECODE_S = 0.5
+# How long a stretch of counter increments a request's share of the counter's deviation
+# from the model is taken over.
+SMOOTH_S = 2.0
 # Candidate responses of the counter: how long it trails the work, and over how long it
 # averages it (0: it counts every joule when spent, only later).
 LAGS_S = tuple(np.round(np.arange(0.0, 0.4001, 0.01), 3))
@@ -41,6 +50,7 @@ class Phases:
     start_s: float
     first_token_s: float
     end_s: float
+    variant: int = 0  # which decode kernels ran (e.g. an attention length); one power per variant
 
     @property
     def prefill_s(self) -> float:
@@ -102,28 +112,66 @@ class Timeline:
     def __init__(self, requests: list[Phases]) -> None:
         self.requests = list(requests)
         starts = np.array([r.start_s for r in self.requests], float)
-        firsts = np.array([r.first_token_s for r in self.requests], float)
+        firsts = np.maximum(np.array([r.first_token_s for r in self.requests], float), starts)
         ends = np.array([r.end_s for r in self.requests], float)
-        self._kinds = (_Cumulative(starts, np.maximum(firsts, starts)), _Cumulative(np.maximum(firsts, starts), ends))
+        variants = np.array([r.variant for r in self.requests], int)
+        self.variants = tuple(int(v) for v in np.unique(variants)) or (0,)
+        self._prefill = _Cumulative(starts, firsts)
+        self._decode = [_Cumulative(firsts[variants == v], ends[variants == v]) for v in self.variants]
 
     def seen(self, u: np.ndarray, response: Response) -> np.ndarray:
-        """Per kind (columns), the seconds of it the counter has counted at times u: the
-        responses's moving average of the cumulative time, `lag` earlier."""
+        """The seconds of each kind the counter has counted at times u (columns: prefill,
+        the decode of each of `variants`, between): the response's moving average of the
+        cumulative time, `lag` earlier."""
         t = np.asarray(u, float) - response.lag_s
         cols = []
-        for c in self._kinds:
+        for c in (self._prefill, *self._decode):
             if response.width_s > 0:
                 cols.append((c.Q(t) - c.Q(t - response.width_s)) / response.width_s)
             else:
                 cols.append(c.T(t))
         elapsed = t - response.width_s / 2  # every kind together is all of the time
-        cols.append(elapsed - cols[0] - cols[1])
+        cols.append(elapsed - np.sum(cols, axis=0))
         return np.stack(cols, axis=1)
+
+    def decode_seconds(self, start_s: float, end_s: float) -> np.ndarray:
+        """Decode seconds of each of `variants` inside [start_s, end_s]."""
+        t = np.array([start_s, end_s])
+        return np.array([float(np.diff(c.T(t))[0]) for c in self._decode])
+
+
+def decode_groups(variants: tuple[int, ...], seconds: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """The variants that share each decode power: one each where there is enough decode time
+    to fit it, the rest together (or with the most used one when even together they have
+    too little)."""
+    own = [v for v, s in zip(variants, seconds) if s >= MIN_VARIANT_DECODE_S]
+    rest = tuple(v for v in variants if v not in own)
+    if not own:
+        return (tuple(variants),)
+    groups = [(v,) for v in own]
+    if rest and sum(s for v, s in zip(variants, seconds) if v in rest) >= MIN_VARIANT_DECODE_S:
+        groups.append(rest)
+    elif rest:
+        most = int(np.argmax([s for v, s in zip(variants, seconds) if v in own]))
+        groups[most] = tuple(sorted(groups[most] + rest))
+    return tuple(groups)
+
+
+def _grouping(variants: tuple[int, ...], groups: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """Timeline columns (prefill, decode per variant, between) -> fit columns (prefill,
+    decode per group, between)."""
+    g = np.zeros((len(variants) + 2, len(groups) + 2))
+    g[0, 0] = g[-1, -1] = 1.0
+    for j, members in enumerate(groups):
+        for v in members:
+            g[1 + variants.index(v), 1 + j] = 1.0
+    return g
 
 
 @dataclass(frozen=True)
 class Fit:
-    """Phase powers (W, per KINDS) and the counter's response, fitted over [start_s, end_s]."""
+    """Phase powers (W) and the counter's response, fitted over [start_s, end_s]. The
+    powers' columns: prefill, the decode of each of `groups`, between."""
 
     response: Response
     power_w: np.ndarray
@@ -134,19 +182,52 @@ class Fit:
     start_s: float
     end_s: float
     counter_j: float  # what the counter counted over the span
+    groups: tuple[tuple[int, ...], ...] = ((0,),)  # decode variants sharing each decode power
+    decode_share: tuple[float, ...] = (1.0,)  # each group's share of the span's decode time
+
+    @property
+    def prefill_w(self) -> float:
+        return float(self.power_w[0])
+
+    @property
+    def between_w(self) -> float:
+        return float(self.power_w[-1])
+
+    def _weights(self, variant: int) -> np.ndarray:
+        """Over the decode columns: the variant's own group, or (a variant the span never
+        ran) every group by its share of the decode time."""
+        w = np.zeros(len(self.groups))
+        for j, members in enumerate(self.groups):
+            if variant in members:
+                w[j] = 1.0
+                return w
+        return np.asarray(self.decode_share, float)
+
+    def decode_w(self, variant: int = 0) -> float:
+        return float(self._weights(variant) @ self.power_w[1:-1])
+
+    def powers_for(self, variants: tuple[int, ...]) -> np.ndarray:
+        """The powers in a timeline's column order (prefill, decode per variant, between)."""
+        return np.array([self.prefill_w, *(self.decode_w(v) for v in variants), self.between_w])
 
     def energy(self, p: Phases) -> tuple[float, float, float, float]:
         """(energy, its 1-sigma uncertainty, prefill part, decode part) of one request, J."""
-        t = np.array([p.prefill_s, p.decode_s, 0.0])
-        parts = self.scale * self.power_w[:2] * t[:2]
+        t = np.concatenate([[p.prefill_s], p.decode_s * self._weights(p.variant), [0.0]])
+        parts = self.scale * np.array([self.prefill_w * p.prefill_s, self.decode_w(p.variant) * p.decode_s])
         sigma = self.scale * float(np.sqrt(max(t @ self.cov @ t, 0.0)))
         return float(parts.sum()), sigma, float(parts[0]), float(parts[1])
 
     def describe(self) -> dict:
-        return {"lag_s": round(self.response.lag_s, 3), "width_s": self.response.width_s,
-                "power_w": {k: round(float(p), 1) for k, p in zip(KINDS, self.power_w)},
-                "scale": round(self.scale, 4), "increments": self.increments, "rms_j": round(self.rms_j, 3),
-                "span_s": round(self.end_s - self.start_s, 1)}
+        pooled = float(np.asarray(self.decode_share) @ self.power_w[1:-1])
+        out = {"lag_s": round(self.response.lag_s, 3), "width_s": self.response.width_s,
+               "power_w": {"prefill": round(self.prefill_w, 1), "decode": round(pooled, 1),
+                           "between": round(self.between_w, 1)},
+               "scale": round(self.scale, 4), "increments": self.increments, "rms_j": round(self.rms_j, 3),
+               "span_s": round(self.end_s - self.start_s, 1)}
+        if len(self.groups) > 1:
+            out["decode_w_by_variant"] = {"+".join(map(str, g)): round(float(p), 1)
+                                          for g, p in zip(self.groups, self.power_w[1:-1])}
+        return out
 
 
 @dataclass
@@ -194,6 +275,8 @@ def fit(timeline: Timeline, counter: Counter, start_s: float, end_s: float, resp
     if len(u) < 8:
         return None
     y = np.diff(e)
+    groups = decode_groups(timeline.variants, timeline.decode_seconds(float(u[0]), float(u[-1])))
+    to_fit = _grouping(timeline.variants, groups)
     candidates = [response] if response is not None else [Response(float(lag), w) for w in WIDTHS_S for lag in LAGS_S]
     best = None
     for r in candidates:
@@ -202,7 +285,7 @@ def fit(timeline: Timeline, counter: Counter, start_s: float, end_s: float, resp
             keep &= ~((u[1:] - r.lag_s > a) & (u[:-1] - r.delay_s < b))
         if keep.sum() < 8:
             continue
-        X = np.diff(timeline.seen(u, r), axis=0)[keep]
+        X = np.diff(timeline.seen(u, r), axis=0)[keep] @ to_fit
         yk = y[keep]
         power, rss = _least_squares(X, yk)
         if best is None or rss < best[0]:
@@ -211,12 +294,14 @@ def fit(timeline: Timeline, counter: Counter, start_s: float, end_s: float, resp
         return None
     rss, r, power, X, yk = best
     n = len(yk)
-    sigma2 = rss / max(n - 3, 1)
+    sigma2 = rss / max(n - X.shape[1], 1)
     cov = sigma2 * np.linalg.pinv(X.T @ X)
     modelled = float((X @ power).sum())
     counted = float(yk.sum())
     scale = counted / modelled if modelled > 0 else 1.0
-    return Fit(r, power, cov, scale, n, float(np.sqrt(sigma2)), float(u[0]), float(u[-1]), counted)
+    decode = X[:, 1:-1].sum(axis=0)
+    share = tuple(float(x) for x in (decode / decode.sum() if decode.sum() > 0 else np.full(len(groups), 1 / len(groups))))
+    return Fit(r, power, cov, scale, n, float(np.sqrt(sigma2)), float(u[0]), float(u[-1]), counted, groups, share)
 
 
 def _least_squares(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -241,23 +326,28 @@ class Attributed:
 
 
 def attribute(f: Fit, timeline: Timeline, counter: Counter, requests: list[Phases]) -> list[Attributed]:
-    """Each request's energy: its phase times at the fitted powers, plus its share of what
-    the counter counted beyond the model in the increments that counted it (shared by each
-    part's modelled energy in the increment), so that over any span the requests and the
-    time between them add up to exactly what the counter counted."""
+    """Each request's energy: its phase times at the fitted powers, scaled by how far the
+    counter's increments around it (`SMOOTH_S` of them, centred) ran above or below the
+    model. Over any stretch of that length the requests and the time between them add up
+    to what the counter counted; one increment alone is not trusted, since when each move
+    is seen jitters by a few ms and moves its energy between neighbouring increments."""
     u, e = counter.arrays()
     r = f.response
     if len(u) < 2:
         return []
-    seen = timeline.seen(u, r)
-    model = np.diff(seen, axis=0) @ f.power_w  # modelled energy of every increment
+    model = np.diff(timeline.seen(u, r), axis=0) @ f.powers_for(timeline.variants)  # modelled energy per increment
     residual = np.diff(e) - model
-    # What the model leaves unexplained, as a share of an increment's energy; a request
-    # shorter than the counter's period shares an increment with others, and its own
-    # deviation is larger by the square root of how many.
-    mean_increment = float(np.mean(np.diff(e))) if len(e) > 1 else 0.0
-    unexplained = f.rms_j / mean_increment if mean_increment > 0 else 0.0
     period = float(np.median(np.diff(u))) if len(u) > 2 else 0.1
+    k = max(1, int(round(SMOOTH_S / max(period, 1e-3))))
+    window = np.ones(k)
+    num, den = np.convolve(residual, window, "same"), np.convolve(model, window, "same")
+    excess = np.divide(num, den, out=np.zeros_like(num), where=den > 0)  # the counter's excess over the model, locally
+    # What the model leaves unexplained, as a share of an increment's energy: a request may
+    # differ from the model by as much, unseen (a request shorter than the counter's period
+    # shares an increment with others, and its own deviation is larger by the square root
+    # of how many).
+    mean_increment = float(np.mean(np.diff(e)))
+    unexplained = f.rms_j / mean_increment if mean_increment > 0 else 0.0
     out = []
     for q in requests:
         base, sigma, prefill, decode = f.energy(q)
@@ -267,13 +357,8 @@ def attribute(f: Fit, timeline: Timeline, counter: Counter, requests: list[Phase
         if hi - lo < 2:
             out.append(Attributed(base, sigma, prefill, decode))
             continue
-        mine = np.diff(Timeline([q]).seen(u[lo:hi], r)[:, :2], axis=0) * f.power_w[:2]  # per increment: prefill, decode
-        m = mine.sum(axis=1)
-        total = model[lo:hi - 1]
-        share = np.divide(m, total, out=np.zeros_like(m), where=total > 0)
-        extra = residual[lo:hi - 1] * share
-        modelled = mine.sum(axis=0)
-        energy = float(modelled.sum() + extra.sum())
-        k = energy / modelled.sum() if modelled.sum() > 0 else 1.0
-        out.append(Attributed(energy, sigma, float(modelled[0] * k), float(modelled[1] * k)))
+        own = np.array([f.prefill_w, f.decode_w(q.variant)])
+        mine = np.diff(Timeline([q]).seen(u[lo:hi], r)[:, :2], axis=0) * own  # per increment: prefill, decode
+        parts = (mine * (1.0 + excess[lo:hi - 1, None])).sum(axis=0)
+        out.append(Attributed(float(parts.sum()), sigma, float(parts[0]), float(parts[1])))
     return out
