@@ -16,7 +16,7 @@ for the one-window reading, the error per response against the reference (median
 max) and the error of their sum against the references' sum; and what the job's own
 reference checks would cost at 3,000 prompts.
 
-    python bench/fidelity.py --preset tinyllama-1.1b --max-new-tokens 32 128 512 --prompts 120 --references 10
+    python bench/fidelity.py --preset tinyllama-1.1b --max-new-tokens 32 128 512 --prompts 900 320 80 --references 10
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def _prompts(n: int, dataset: Path = SHAREGPT):
 def _errors(values: np.ndarray, reference: np.ndarray) -> dict:
     err = np.abs(values / reference - 1)
     ok = np.isfinite(err)
+    if not ok.any():
+        return {"median": np.nan, "p90": np.nan, "max": np.nan, "sum": np.nan, "n": 0}
     return {"median": float(np.median(err[ok])), "p90": float(np.quantile(err[ok], 0.9)), "max": float(err[ok].max()),
             "sum": float(np.nansum(values) / np.nansum(reference[np.isfinite(values)]) - 1), "n": int(ok.sum())}
 
@@ -87,7 +89,7 @@ def _recording(meter) -> dict:
     end = meter.__dict__.setdefault("_unwrapped_end", meter.end)
 
     def noting_end(key, phases):
-        served[key[1].prompt_id] = {"phases": [phases.start_s, phases.first_token_s, phases.end_s],
+        served[key[1].prompt_id] = {"phases": [phases.start_s, phases.first_token_s, phases.end_s, phases.variant],
                                     "prompt_tokens": key[2].prompt_tokens, "response_tokens": key[2].response_tokens}
         return end(key, phases)
 
@@ -133,7 +135,7 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
             refs[-1] = np.nan  # the repeats made other tokens: nothing to compare
         periods.append({"prompt_id": p.prompt_id, "pause_before": pending.pause_before,
                         "pause_after": pending.pause_after, "energy_j": refs[-1],
-                        "repeats": [[r.start_s, r.first_token_s, r.end_s] for r in pending.repeats]})
+                        "repeats": [[r.start_s, r.first_token_s, r.end_s, r.variant] for r in pending.repeats]})
     ref = np.array(refs, float)
     ids = [p.prompt_id for p in checked]
     stored = rows.loc[ids, "energy_j"].to_numpy(float)
@@ -167,7 +169,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", nargs="+", type=int, default=[32, 128, 512])
     p.add_argument("--transformers-max-new-tokens", nargs="+", type=int,
                    help="for the transformers backend (default: --max-new-tokens)")
-    p.add_argument("--prompts", type=int, default=120, help="served per setting, back to back, as one job")
+    p.add_argument("--prompts", type=int, nargs="+", default=[120],
+                   help="served per setting, back to back, as one job: one count, or one per --max-new-tokens "
+                        "(a sweep's job fits over a minute of requests: short responses need more of them)")
     p.add_argument("--references", type=int, default=10, help="of them, measured again the reference way")
     p.add_argument("--dataset", type=Path, default=SHAREGPT, help="ShareGPT prompts (default: the 2023 sample "
                    "beside the checkout; the built-in prompts where it is absent)")
@@ -180,7 +184,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/fidelity.py needs an NVIDIA GPU")
     print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}", flush=True)
-    prompts = _prompts(args.prompts, args.dataset)
+    if len(args.prompts) not in (1, len(args.max_new_tokens)):
+        sys.exit("--prompts: one count, or one per --max-new-tokens")
+    per_setting = dict(zip(sorted(args.max_new_tokens), itertools.cycle(args.prompts))) \
+        if len(args.prompts) == 1 else dict(zip(args.max_new_tokens, args.prompts))
+    prompts = _prompts(max(args.prompts), args.dataset)
     results = []
     with NvmlEnergyLog(period_s=0.002) as nvml:
         for backend in args.backends:
@@ -200,12 +208,14 @@ def main() -> None:
             for q in served[:2]:
                 be.generate(SYSTEM, q.text, seed=0)
             worker.idle_power_w = worker.meter.idle_power_w()
-            warm = itertools.cycle(calibration_prompts(served))  # as the worker calibrates
+            fewest = served[:min(per_setting.get(n, args.prompts[0]) for n in lengths)]
+            warm = itertools.cycle(calibration_prompts(fewest))  # as the worker calibrates
             worker.meter.calibrate(lambda: be.generate(SYSTEM, next(warm).text, seed=0).phases())
             print(f"# {backend}: loaded and calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
-            checked = _chosen(be, served, args.references)
+            checked = _chosen(be, fewest, args.references)
             for max_new in sorted(lengths):
-                r = run_setting(worker, be, served, checked, max_new, args.reference_s) | {"backend": backend}
+                job = served[:per_setting.get(max_new, args.prompts[0])]
+                r = run_setting(worker, be, job, checked, max_new, args.reference_s) | {"backend": backend}
                 dump = r.pop("_dump")
                 if args.dump:
                     Path(args.dump).mkdir(parents=True, exist_ok=True)
