@@ -73,13 +73,23 @@ def _errors(values: np.ndarray, reference: np.ndarray) -> dict:
             "sum": float(np.nansum(values) / np.nansum(reference[np.isfinite(values)]) - 1), "n": int(ok.sum())}
 
 
-def _chosen(be, prompts, n: int) -> list:
+def _chosen(be, prompts, n: int, fitted: set[str]) -> list:
     """n of the served prompts, evenly spread over their lengths (prefill is what the
-    attribution must tell apart from decode), none of those the counter's first fit ran."""
-    fitted = {q.prompt_id for q in calibration_prompts(prompts)}
+    attribution must tell apart from decode), none of those a job's first fit ran."""
     by_length = sorted((q for q in prompts if q.prompt_id not in fitted), key=lambda q: len(be.encode(SYSTEM, q.text)[0]))
     step = max(len(by_length) / max(n, 1), 1.0)
     return [by_length[int(i * step)] for i in range(min(n, len(by_length)))]
+
+
+def _spread(job: list, checked: list) -> list:
+    """The job's prompts with the checked ones spread evenly through it, as a sweep's
+    seed-chosen checks are, rather than all at its start where the fit has least data."""
+    ids = {q.prompt_id for q in checked}
+    rest = [q for q in job if q.prompt_id not in ids]
+    every = len(rest) / max(len(checked), 1)
+    for i, q in enumerate(checked):
+        rest.insert(int((i + 0.5) * every) + i, q)
+    return rest
 
 
 def _recording(meter) -> dict:
@@ -103,6 +113,8 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
     be.settings = be.settings.model_copy(update={"max_new_tokens": max_new})  # bench only: the loop reads it per request
     worker.tasks = worker.tasks.model_copy(update={"generation": be.settings})
     meter = worker.meter
+    warm = itertools.cycle(calibration_prompts(prompts))  # the job's first fit, as the worker makes it at load
+    meter.calibrate(lambda: be.generate(SYSTEM, next(warm).text, seed=0).phases())
     served = _recording(meter)
     with tempfile.TemporaryDirectory() as base:
         store = RunStore(Path(base) / "r")
@@ -208,13 +220,12 @@ def main() -> None:
             for q in served[:2]:
                 be.generate(SYSTEM, q.text, seed=0)
             worker.idle_power_w = worker.meter.idle_power_w()
-            fewest = served[:min(per_setting.get(n, args.prompts[0]) for n in lengths)]
-            warm = itertools.cycle(calibration_prompts(fewest))  # as the worker calibrates
-            worker.meter.calibrate(lambda: be.generate(SYSTEM, next(warm).text, seed=0).phases())
-            print(f"# {backend}: loaded and calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
-            checked = _chosen(be, fewest, args.references)
+            print(f"# {backend}: loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+            jobs = {n: served[:per_setting.get(n, args.prompts[0])] for n in lengths}
+            fitted = {q.prompt_id for job in jobs.values() for q in calibration_prompts(job)}
+            checked = _chosen(be, min(jobs.values(), key=len), args.references, fitted)
             for max_new in sorted(lengths):
-                job = served[:per_setting.get(max_new, args.prompts[0])]
+                job = _spread(jobs[max_new], checked)
                 r = run_setting(worker, be, job, checked, max_new, args.reference_s) | {"backend": backend}
                 dump = r.pop("_dump")
                 if args.dump:
