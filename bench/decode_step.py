@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decode import SYSTEM, copy_bandwidth_bytes_s, decode_weight_bytes  # noqa: E402
-from sweep.backends.compiled import CompiledBackend, _Attention, bucket_for  # noqa: E402
+from sweep.backends.compiled import CompiledBackend, CompiledOptions, bucket_for  # noqa: E402
+from sweep.backends.decode_attention import AttentionOptions, decode_attention, register_attention  # noqa: E402
 from sweep.config import GenerationSettings, ModelSpec  # noqa: E402
 from sweep.prompts import builtin_prompts  # noqa: E402
 
@@ -46,14 +47,14 @@ VARIANTS = {
     "no-cd": {"inductor_config": {}},  # matrix-vector products through cuBLAS, not Triton reductions
     "max-autotune": {"inductor_config": {**CD, "max_autotune": True}},
     # programmatic dependent launch: a kernel starts while the one before it drains
-    "pdl": {"inductor_config": {**CompiledBackend.inductor_config, "triton.enable_pdl": True}},
+    "pdl": {"inductor_config": {**CompiledOptions().inductor_config, "triton.enable_pdl": True}},
 }
 
 
 def restart(be) -> None:
     """A fresh 8-token request: each replay moves a position on, which must stay in the cache."""
     width = be._load_prompt(torch.zeros((1, 8), dtype=torch.long, device="cuda"))
-    if be.prefill_graphs:
+    if be.options.prefill_graphs:
         be._prefill_graphs[width].replay()
     else:
         with torch.no_grad():
@@ -123,7 +124,8 @@ def kernel_table(be, kv_len: int, steps: int = 20, top: int = 30) -> None:
         print(f"{name[:69]:<70}{n / steps:>9.1f}{us / steps:>9.1f}{us / steps / busy_us:>7.1%}")
 
 
-def attention_ms(heads: int, kv_heads: int, kv_len: int, used: int, calls: int = 22, dim: int = 64) -> float:
+def attention_ms(options: AttentionOptions, heads: int, kv_heads: int, kv_len: int, used: int, calls: int = 22,
+                 dim: int = 64) -> float:
     """ms for `calls` decode attentions (a step's worth of layers) over a bucket of `kv_len`
     with `used` keys, replayed as one CUDA graph: the attention kernel alone."""
     q = torch.randn(1, heads, 1, dim, device="cuda", dtype=torch.float16)
@@ -131,11 +133,10 @@ def attention_ms(heads: int, kv_heads: int, kv_len: int, used: int, calls: int =
     mask = torch.full((1, 1, 1, kv_len), torch.finfo(torch.float16).min, device="cuda", dtype=torch.float16)
     mask[..., :used] = 0
     used_k = torch.tensor([used], dtype=torch.int32, device="cuda")
-    from sweep.backends.compiled import decode_attention
 
     def layers():
         for _ in range(calls):
-            decode_attention(q, k, v, mask, dim ** -0.5, used_k)
+            decode_attention(q, k, v, mask, dim ** -0.5, used_k, options.handle)
 
     layers()  # warm-up (outside the capture)
     torch.cuda.synchronize()
@@ -159,10 +160,10 @@ def attention_table() -> None:
         for kv_len, used in ((512, 350), (1024, 700), (2048, 1500)):
             row = {}
             for kernel in ("flash", "sdpa"):
-                _Attention.kernel, _Attention.kv_len = kernel, None
-                row[kernel] = attention_ms(heads, kv_heads, kv_len, used, layers)
+                options = AttentionOptions(kernel=kernel)
+                register_attention(options)
+                row[kernel] = attention_ms(options, heads, kv_heads, kv_len, used, layers)
             print(f"{name:<34}{kv_len:>7}{used:>6}{row['flash']:>9.3f}{row['sdpa']:>9.3f}")
-    _Attention.kernel = CompiledBackend.attention_kernel
 
 
 def main() -> None:
@@ -191,10 +192,9 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name(0)}; torch {torch.__version__}; copy {bw / 1e12:.2f} TB/s", flush=True)
     rows, profiled = [], False
     for name in args.variants:
-        variant = type(name, (CompiledBackend,), dict(VARIANTS[name]))
         torch._dynamo.reset()
         t = time.perf_counter()
-        be = variant(spec, settings, "cuda")
+        be = CompiledBackend(spec, settings, "cuda", CompiledOptions(**VARIANTS[name]))
         load_s = time.perf_counter() - t
         wb = decode_weight_bytes(be.model)
         lengths = [be.encode(SYSTEM, x)[0].shape[1] for x in prompts]
@@ -227,9 +227,9 @@ def main() -> None:
         if name == args.variants[0]:
             for way in args.attention:
                 grouping, _, forced = way.partition(":")
-                _Attention.kernel = "flash" if way == "flash" else "sdpa"
-                _Attention.grouping = grouping
-                _Attention.sdpa_backend = getattr(torch.nn.attention.SDPBackend, forced) if forced else None
+                be.attention.kernel = "flash" if way == "flash" else "sdpa"
+                be.attention.grouping = grouping
+                be.attention.sdpa_backend = getattr(torch.nn.attention.SDPBackend, forced) if forced else None
                 be._step_graphs.clear()
                 be._prefill_graphs.clear()
                 be._capture()  # the attention op is opaque to the compiler: recaptured, not recompiled
@@ -237,8 +237,7 @@ def main() -> None:
                 j, w = replay_energy_j(be, used)
                 print(f"# attention {way}: step {ms:.3f} ms ({wb / ms * 1e3 / bw:.1%}) over {used}; "
                       f"{j:.3f} J/step at {w:.0f} W", flush=True)
-            _Attention.grouping, _Attention.sdpa_backend, _Attention.kernel = "fold", None, be.attention_kernel
-        be = variant = None
+        be = None
         gc.collect()
         torch.cuda.empty_cache()
     print(f"\n{args.preset}: {wb / 1e9:.2f} GB of weights read per step; copy bandwidth {bw / 1e12:.2f} TB/s; "

@@ -12,7 +12,7 @@ import torch
 
 from sweep.backends import BACKENDS, backend_class, load_backend
 from sweep.backends.base import BackendError
-from sweep.backends.compiled import penalize_repetition, sample, top_p_mask
+from sweep.backends.sampling import penalize_repetition, sample, top_p_mask
 from sweep.checkpoints import ensure_random_checkpoint
 from sweep.config import GenerationSettings, ModelSpec
 from sweep.prompts import builtin_prompts
@@ -63,6 +63,24 @@ def test_greedy_output_is_token_identical_to_hf_generate(path, template, penalty
         assert (b.response, b.response_tokens, b.stop_reason, b.prompt_tokens) == \
                (a.response, a.response_tokens, a.stop_reason, a.prompt_tokens)
         assert b.steps_past_stop == 0 and 0 < b.ttft_s <= b.latency_s
+
+
+def test_two_compiled_backends_in_one_process_keep_their_own_attention():
+    """Each backend owns its attention options (the decode op reads them by handle): a
+    second load with other attention lengths leaves the first one's output unchanged, and
+    its decode variant (the attention length a request ran) is its own."""
+    hf = _load("transformers", temperature=0)
+    first = _load("compiled", temperature=0)
+    before = [first.generate(SYSTEM, t, seed=1) for t in PROMPTS[:2]]
+    second = _load("compiled", temperature=0, context_length=256, max_new_tokens=24)
+    assert first.attention is not second.attention and first.attention.handle != second.attention.handle
+    assert first.model.config._attn_implementation != second.model.config._attn_implementation
+    second.generate(SYSTEM, PROMPTS[0], seed=1)
+    for text, b in zip(PROMPTS[:2], before):
+        again, want = first.generate(SYSTEM, text, seed=1), hf.generate(SYSTEM, text, seed=1)
+        assert again.response == b.response == want.response
+        assert again.decode_variant == b.decode_variant in first.kv_buckets
+    assert first.attention.kv_len in first.kv_buckets and second.attention.kv_len in second.kv_buckets
 
 
 @pytest.mark.parametrize("model_type,extra", [

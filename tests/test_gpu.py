@@ -97,26 +97,24 @@ def test_compiled_backend_reproduces_a_seed_and_sees_a_stop_at_most_two_steps_la
 def test_flash_decode_attention_matches_masked_sdpa(heads, kv_heads):
     """The compiled step's flash kernel (fill level read from the device, no mask) attends
     to what masked SDPA attends to, over a cache bucket that holds more than the fill."""
-    from sweep.backends.compiled import _Attention, decode_attention, flash_decode_available
+    from sweep.backends.decode_attention import AttentionOptions, decode_attention, flash_decode_available, \
+        register_attention
 
     if not flash_decode_available():
         pytest.skip("this torch has no FlashAttention forward with seqused_k")
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, heads, 1, 64, device="cuda", dtype=torch.float16, generator=g)
     k, v = (torch.randn(1, kv_heads, 2048, 64, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
-    kernel, kv_len = _Attention.kernel, _Attention.kv_len
-    try:
-        for used, bucket in [(1, 256), (100, 256), (256, 256), (700, 1024), (2048, None)]:
-            _Attention.kv_len = bucket
-            mask = torch.full((1, 1, 1, 2048), torch.finfo(torch.float16).min, device="cuda", dtype=torch.float16)
-            mask[..., :used] = 0
-            _Attention.kernel = "sdpa"
-            want = decode_attention(q, k, v, mask, 0.125)
-            _Attention.kernel = "flash"
-            got = decode_attention(q, k, v, mask, 0.125, torch.tensor([used], dtype=torch.int32, device="cuda"))
-            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{used} keys, bucket {bucket}")
-    finally:
-        _Attention.kernel, _Attention.kv_len = kernel, kv_len
+    sdpa, flash = AttentionOptions(kernel="sdpa"), AttentionOptions(kernel="flash")
+    register_attention(sdpa), register_attention(flash)
+    for used, bucket in [(1, 256), (100, 256), (256, 256), (700, 1024), (2048, None)]:
+        sdpa.kv_len = flash.kv_len = bucket
+        mask = torch.full((1, 1, 1, 2048), torch.finfo(torch.float16).min, device="cuda", dtype=torch.float16)
+        mask[..., :used] = 0
+        want = decode_attention(q, k, v, mask, 0.125, None, sdpa.handle)
+        got = decode_attention(q, k, v, mask, 0.125, torch.tensor([used], dtype=torch.int32, device="cuda"),
+                               flash.handle)
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{used} keys, bucket {bucket}")
 
 
 @one_gpu

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import inspect
 import time
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from sweep.backends.base import BackendError, Effective, Generation, HFModel
+from sweep.backends.decode_attention import AttentionOptions, flash_decode_available, register_attention
+from sweep.backends.sampling import sample
 
 # Decode steps queued ahead of the token the host reads: the issue's bound on steps
 # inside a window past the stop is 2.
@@ -49,7 +51,6 @@ LOOKAHEAD_STEPS = 2
 KV_BUCKETS = 4
 MIN_KV_BUCKET = 128
 MIN_PROMPT_BUCKET = 16
-ATTENTION = "sweep_bucketed_sdpa"
 
 
 def kv_buckets(context_length: int, count: int = KV_BUCKETS) -> list[int]:
@@ -72,180 +73,35 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     return next(b for b in buckets if b >= n)
 
 
-class _Attention:
-    """How many cache positions the decode steps attend over (None: all of them). Read by
-    `decode_attention` when it runs, not when it is compiled: a graph captured under one
-    value keeps it, so one compiled step serves every bucket's graph."""
+@dataclass(frozen=True)
+class CompiledOptions:
+    """How the compiled backend builds its decode loop (benchmarks compare other choices;
+    docs/benchmarks/ has their figures)."""
 
-    kv_len: int | None = None
-    # The decode step's attention kernel on CUDA: "flash" (FlashAttention's KV-cache decode,
-    # which splits the keys across thread blocks and reads the fill level from the device)
-    # or "sdpa" (PyTorch's SDPA with the additive mask: one thread block per KV head).
-    kernel: str = "sdpa"  # set at load from CompiledBackend.attention_kernel ("sdpa" where torch has no flash)
-    # How grouped KV heads are attended by "sdpa" (bench/decode_step.py compares them): "fold"
-    # the query heads sharing a KV head into rows of one query, or "repeat" K and V per query head.
-    grouping: str = "fold"
-    sdpa_backend = None  # a torch.nn.attention.SDPBackend to force, None: PyTorch's choice
-    _cu_seqlens: dict = {}  # (device, kv_len) -> FlashAttention's cumulative lengths, made once
-
-
-def flash_decode_available() -> bool:
-    schema = getattr(getattr(torch.ops.aten, "_flash_attention_forward", None), "default", None)
-    return schema is not None and "seqused_k" in {a.name for a in schema._schema.arguments}
-
-
-def _flash_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, used_k: torch.Tensor,
-                  scale: float | None) -> torch.Tensor:
-    """One query token over the first used_k[0] positions of the cache (a device count: no
-    mask, no host sync), as FlashAttention's variable-length forward with `seqused_k`. For
-    grouped KV heads it folds the query heads sharing one into rows and splits the keys
-    across thread blocks, so a short cache still fills the GPU."""
-    kv_len = key.shape[2]
-    b, heads, _, dim = query.shape
-    cu = _Attention._cu_seqlens.get((query.device, kv_len))
-    if cu is None:  # the first call is a warm-up, never inside a graph capture
-        cu = _Attention._cu_seqlens[(query.device, kv_len)] = (
-            torch.tensor([0, 1], dtype=torch.int32, device=query.device),
-            torch.tensor([0, kv_len], dtype=torch.int32, device=query.device))
-    # (tokens, heads, dim) views of the cache's (1, heads, positions, dim): no copy
-    out = torch.ops.aten._flash_attention_forward(
-        query.reshape(heads, dim).unsqueeze(0), key[0].transpose(0, 1), value[0].transpose(0, 1), cu[0], cu[1],
-        1, kv_len, 0.0, False, False, scale=scale, seqused_k=used_k)[0]
-    return out.view(b, heads, 1, value.shape[-1])
-
-
-@torch.library.custom_op("sweep::decode_attention", mutates_args=())
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float | None, used_k: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA of a one-token query (batch, heads, 1, dim) over the first `_Attention.kv_len`
-    positions of the cache. The positions cut off are ones the mask hides anyway: the
-    result is the same, without reading them. Query heads that share a KV head become
-    rows of one query, so K and V are read once, not copied per query head (what
-    transformers' `repeat_kv` does). `used_k` (int32, (1,)): how many positions hold keys,
-    for the flash kernel, which needs no mask."""
-    from contextlib import nullcontext
-
-    kv_len = _Attention.kv_len
-    if kv_len is not None and kv_len < key.shape[2]:
-        key, value = key[:, :, :kv_len], value[:, :, :kv_len]
-        mask = None if mask is None else mask[..., :kv_len]
-    if used_k is not None and query.is_cuda and _Attention.kernel == "flash" and query.shape[0] == 1:
-        return _flash_decode(query, key, value, used_k, scale)
-    b, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    forced = _Attention.sdpa_backend
-    with nullcontext() if forced is None else torch.nn.attention.sdpa_kernel(forced):
-        if groups > 1 and _Attention.grouping == "repeat":
-            key = key[:, :, None].expand(b, kv_heads, groups, *key.shape[2:]).reshape(b, heads, *key.shape[2:])
-            value = value[:, :, None].expand(b, kv_heads, groups, *value.shape[2:]).reshape(b, heads, *value.shape[2:])
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
-        else:
-            out = F.scaled_dot_product_attention(query.reshape(b, kv_heads, groups, dim), key, value,
-                                                 attn_mask=mask, scale=scale)
-    return out.reshape(b, heads, 1, value.shape[-1])
-
-
-@decode_attention.register_fake
-def _(query, key, value, mask, scale, used_k=None):
-    return query.new_empty((*query.shape[:3], value.shape[-1]))
-
-
-def bucketed_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, with decode steps through `decode_attention`. The
-    decode step's position (transformers passes `position_ids` down to attention) gives the
-    number of cached keys the flash kernel reads."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] == 1 and attention_mask is not None and not kwargs.get("softcap"):
-        positions = kwargs.get("position_ids")
-        used_k = None
-        if positions is not None and query.shape[0] == 1 and _Attention.kernel == "flash":
-            used_k = (positions.reshape(-1)[-1:] + 1).to(torch.int32)  # the same in every layer: computed once
-        return decode_attention(query, key, value, attention_mask, scaling, used_k).transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
-
-
-def additive_mask(*args, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor:
-    """transformers' SDPA mask, additive (0 or the dtype's minimum, in the model's dtype),
-    made once per forward: SDPA would convert a boolean one in every layer, three kernels
-    each. Never dropped for SDPA's is_causal either, which transformers decides with a
-    host-side check on a device tensor that a captured prefill cannot have. (transformers'
-    own `eager_mask` copies a CPU scalar to the GPU, which a capture cannot have.)"""
-    from transformers.masking_utils import sdpa_mask
-
-    keep = sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
-    if keep is None:  # nothing to mask
-        return None
-    return torch.zeros_like(keep, dtype=dtype).masked_fill_(keep.logical_not(), torch.finfo(dtype).min)
-
-
-def register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION, bucketed_sdpa)
-    AttentionMaskInterface.register(ATTENTION, additive_mask)
-
-
-def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF's repetition penalty: logits of tokens already in the sequence are divided by
-    `penalty` when positive and multiplied by it when negative."""
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """True for tokens outside the nucleus, as HF's TopPLogitsWarper decides (the most
-    likely token is always kept)."""
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative <= (1 - top_p)
-    drop_sorted[..., -1:] = False
-    return drop_sorted.scatter(-1, order, drop_sorted)
-
-
-def sample(logits: torch.Tensor, seen: torch.Tensor | None, temperature: float, top_p: float,
-           repetition_penalty: float) -> torch.Tensor:
-    """Next token ids (int64, logits' shape without the vocabulary dimension); no host sync.
-
-    The settings are Python numbers fixed for a run, so the branches below are resolved
-    when the step is compiled."""
-    logits = logits.float()
-    if repetition_penalty != 1.0 and seen is not None:
-        logits = penalize_repetition(logits, seen, repetition_penalty)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_p < 1.0:
-        logits = logits.masked_fill(top_p_mask(logits, top_p), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1)
-    return (probs / race).argmax(dim=-1)
+    # Coordinate-descent tuning makes Inductor compute each matrix-vector product as a tuned
+    # Triton reduction (faster than cuBLAS at batch 1, for about a minute more at load).
+    # Pointwise work of more than 8 ops is stored once, not recomputed inside every
+    # reduction that reads it (silu(gate) * up is read by each row of down_proj).
+    inductor_config: dict = field(default_factory=lambda: {"coordinate_descent_tuning": True,
+                                                           "realize_opcount_threshold": 8})
+    # The decode step's attention on CUDA (sweep.backends.decode_attention): "flash" beats
+    # "sdpa" for grouped KV heads and loses for one KV head per query head, timed alone
+    # (bench/decode_step.py --attention-only); "sdpa" stays until whole requests measure it.
+    attention_kernel: str = "sdpa"
+    kv_bucket_count: int = KV_BUCKETS  # 1: every step attends over the whole cache
+    bucketed_attention: bool = True  # False: transformers' own SDPA
+    prefill_graphs: bool = True  # False: eager prefill of the exact prompt
 
 
 class CompiledBackend(HFModel):
     name = "compiled"
-    # How the decode step is compiled. Coordinate-descent tuning makes Inductor compute
-    # each matrix-vector product as a tuned Triton reduction (on an H100 it took a 1.1B
-    # model from 413 to 472 tokens/s and a 7B one from 147 to 167, for about a minute more
-    # at load). Pointwise work of more than 8 ops is stored once, not recomputed inside
-    # every reduction that reads it (silu(gate) * up is read by each row of down_proj): on
-    # an H200 that took a 1.1B step from 1.51 to 1.32 ms and 0.66 to 0.56 J
-    # (bench/decode_step.py, variants cd and shipped).
-    inductor_config: dict = {"coordinate_descent_tuning": True, "realize_opcount_threshold": 8}
-    # The decode step's attention on CUDA (see _Attention). Timed alone on an H200, "flash"
-    # beats "sdpa" for grouped KV heads and loses for one KV head per query head
-    # (bench/decode_step.py --attention-only); "sdpa" stays until whole requests measure it.
-    attention_kernel: str = "sdpa"
-    kv_bucket_count: int = KV_BUCKETS  # 1: every step attends over the whole cache
-    bucketed_attention: bool = True  # False: transformers' own SDPA (bench comparisons)
-    prefill_graphs: bool = True  # False: eager prefill of the exact prompt (bench comparisons)
 
-    def __init__(self, spec, settings, device: str) -> None:
+    def __init__(self, spec, settings, device: str, options: CompiledOptions | None = None) -> None:
         super().__init__(spec, settings, device)
         from transformers import StaticCache
+
+        self.options = o = options or CompiledOptions()
+        self.attention = AttentionOptions(kernel=o.attention_kernel if flash_decode_available() else "sdpa")
 
         if not getattr(self.model, "_can_compile_fullgraph", False):
             raise BackendError(
@@ -269,11 +125,9 @@ class CompiledBackend(HFModel):
                                "device (cumulative_length); use transformers >= 5.0 or backend: transformers")
         # Bucketed attention replaces SDPA only: a model on another implementation (eager for
         # logit soft-capping, say) keeps it and attends over the whole cache.
-        if self.bucketed_attention and self.model.config._attn_implementation == "sdpa":
-            register_attention()
-            _Attention.kernel = self.attention_kernel if flash_decode_available() else "sdpa"
-            self.model.set_attn_implementation(ATTENTION)
-            self.kv_buckets = kv_buckets(s.context_length, self.kv_bucket_count)
+        if o.bucketed_attention and self.model.config._attn_implementation == "sdpa":
+            self.model.set_attn_implementation(register_attention(self.attention))
+            self.kv_buckets = kv_buckets(s.context_length, o.kv_bucket_count)
         else:
             self.kv_buckets = [s.context_length]
         self.prompt_budget = s.context_length - s.max_new_tokens  # what encode() truncates prompts to
@@ -365,7 +219,7 @@ class CompiledBackend(HFModel):
 
     def _step(self) -> None:
         """One decode step on the static buffers: forward of the last token, sample, accept.
-        It attends over `_Attention.kv_len` positions (set by the caller)."""
+        It attends over `self.attention.kv_len` positions (set by the caller)."""
         logits = self.model(input_ids=self._tok, position_ids=self._pos.view(1, 1), use_cache=True,
                             **{self._cache_kw: self.cache}).logits[0, -1]
         self._accept(self._sample(logits))
@@ -375,27 +229,27 @@ class CompiledBackend(HFModel):
         for each width, as CUDA graphs (at load, never in a window)."""
         step = torch.compile(self._step, fullgraph=True, dynamic=False)
         pool = torch.cuda.graph_pool_handle()  # the graphs run one at a time: they share their memory
-        with torch.no_grad(), torch._inductor.config.patch(self.inductor_config):
+        with torch.no_grad(), torch._inductor.config.patch(self.options.inductor_config):
             self._prefill(self._load_prompt(torch.zeros((1, 8), dtype=torch.long, device=self._input_device)))
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compile and warm up off the capture stream
                 for kv_len in self.kv_buckets:
-                    _Attention.kv_len = kv_len
+                    self.attention.kv_len = kv_len
                     for _ in range(2):
                         self._set_host_fill(8)  # the same at every call: no recompile
                         step()
-                if self.prefill_graphs:
+                if self.options.prefill_graphs:
                     for width in self.prompt_buckets:
                         self._prefill(width)
             torch.cuda.current_stream().wait_stream(side)
             for kv_len in self.kv_buckets:
-                _Attention.kv_len = kv_len
+                self.attention.kv_len = kv_len
                 self._set_host_fill(8)
                 self._step_graphs[kv_len] = graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     step()
-            if self.prefill_graphs:
+            if self.options.prefill_graphs:
                 for width in self.prompt_buckets:
                     self._prefill_graphs[width] = graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
@@ -432,7 +286,7 @@ class CompiledBackend(HFModel):
         self._prefill(self._load_prompt(ids))
         ttft_s = time.perf_counter() - t0
         tokens = [int(self._tok)]
-        _Attention.kv_len = kv_len
+        self.attention.kv_len = kv_len
         while len(tokens) < max_new and not self._stopped(tokens):
             self._step()
             tokens.append(int(self._tok))
@@ -444,7 +298,7 @@ class CompiledBackend(HFModel):
         start, first = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()  # the GPU is idle here (synchronised): this is the request's start, as t0 is
         width = self._load_prompt(ids)
-        if self.prefill_graphs:
+        if self.options.prefill_graphs:
             self._prefill_graphs[width].replay()
         else:
             self._prefill(width)
