@@ -131,3 +131,47 @@ def test_a_sweep_over_two_concurrency_levels_keys_each_job_apart(tmp_path):
     assert "steady_window" in validate.stdout and validate.returncode in (0, 3), validate.stdout + validate.stderr
     again = run_sweep_cli(*args, timeout=300)
     assert again.returncode == 0 and "0 of 2 job(s) to run" in again.stdout, again.stdout + again.stderr
+
+
+@needs_serve
+def test_at_four_in_flight_a_killed_server_then_a_killed_worker_lose_and_repeat_nothing(tmp_path):
+    """Concurrency 4: the server killed mid-job fails the job (exit 1, the server named);
+    the resume, its worker killed mid-job, replaces the worker and finishes: every prompt
+    stored once, none of those stored before measured again, no server left running."""
+    import subprocess
+
+    import psutil
+
+    from tests.helpers import ROOT, kill_worker_and_finish
+    from tests.test_server_backend import _serve_processes
+    from tests.test_sweep import _stored_ids, _wait_for_rows
+
+    models = write_yaml(tmp_path / "models.yaml", {"models": [
+        {"name": "srv", "path": "random:llama-tiny", "conv_template": "vicuna_v1.1", "backend": "server",
+         "server": {"command": COMMAND, "ready_timeout_s": 120}}]})
+    tasks = tasks_yaml(tmp_path, tasks=("chat",), max_new_tokens=48, concurrency=[4])
+    run_dir = tmp_path / "runs" / "k"
+    cmd = [sys.executable, "-m", "sweep", "--config", models, "--tasks", tasks, "--out", tmp_path / "runs",
+           "--run-id", "k", "--max-prompts", "48", "--cpu-workers", "1", "--no-dashboard", "--no-progress"]
+
+    def start():
+        return subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    proc = start()
+    _wait_for_rows(run_dir, 8, proc, timeout=300)
+    for p in _serve_processes("llama-tiny"):
+        p.kill()
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 1 and "srv / chat" in out and "server" in out, out[-3000:]
+    before = _stored_ids(run_dir)
+    assert 8 <= len(before) < 48
+    proc = start()
+    _wait_for_rows(run_dir, len(before) + 8, proc, timeout=300)
+    text = kill_worker_and_finish(proc, psutil.Process(proc.pid).children(recursive=True), "srv / chat")
+    assert "Resuming run k" in text
+    df = pd.read_parquet(run_dir / "results")
+    assert len(df) == 48 and not df.duplicated(["model", "task", "concurrency", "prompt_id"]).any()
+    assert (df["concurrency"] == 4).all() and before <= set(zip(df["model"], df["prompt_id"]))
+    time.sleep(2)
+    assert not _serve_processes("llama-tiny")
