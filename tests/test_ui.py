@@ -176,6 +176,9 @@ def test_leaderboard_filter_formula_plot_live(app, page):
     _wait_text(page, "#leaderboard", "gamma-3b")
     text = _text(page, "#leaderboard")
     assert text.index("gamma-3b") < text.index("alpha-7b")  # 55 J: now first
+    # a filter change and the timer's refresh together raised no error (e.g. a limit slider's
+    # old value beyond the range the new view gave it)
+    assert "Error" not in page.locator("body").inner_text()
     _shot(page, "ui-leaderboard.png")
 
     # plots render, coloured by GPU, with a log scale on request
@@ -426,3 +429,18 @@ def test_the_first_view_a_2023_row_and_a_fresh_row_and_the_limits(with_2023, bro
         _shot(pg, f"ui-limits-{w}.png")
     finally:
         pg.close()
+
+
+def test_the_timer_sends_no_slider_value(tmp_path):
+    """Gradio refuses an event whose slider value lies outside the slider's range. A filter
+    change gives the limit sliders a new range while the page may still hold the old values,
+    so the timer, which can fire in between, takes the limits from server-side state."""
+    import gradio as gr
+
+    from ui.app import _layout
+    from ui.data import RunsFolder
+
+    with gr.Blocks():
+        page = _layout(RunsFolder(tmp_path), tmp_path)
+    assert not any(isinstance(c, gr.Slider) for c in page.refresh_inputs())
+    assert not any(isinstance(c, gr.Slider) for c in page.view_inputs())

@@ -91,8 +91,12 @@ def test_ranking_and_columns_by_default():
                synthetic_rows("r", "b", "chat", [200.0], [100], params_b=7))
     ranked, label = sort_table(agg, None)
     assert ranked["model"].tolist() == ["b", "a"] and label.startswith("Ranked by energy (J), lowest first")
+    assert display_table(ranked, [])["#"].tolist() == [1, 2] and "# is each row's rank" in label
     ranked, label = sort_table(agg, "throughput")
     assert label.startswith("Ranked by tok/s, highest first")
+    # the rank is the row's, whatever order the table is shown in
+    shown = display_table(ranked, []).sort_values("model")
+    assert dict(zip(shown["model"], shown["#"])) == dict(zip(ranked["model"], ranked["rank"]))
     shown = display_table(agg, [])
     assert len(shown.columns) <= len(DEFAULT_COLUMNS) and "run" not in shown
     assert shown["params"].tolist() == ["410M", "7B"]
@@ -173,3 +177,30 @@ def test_a_pareto_front_per_model_across_its_configurations():
                synthetic_rows("r", "b", "chat", [900.0], [100], latency=[2.0]))
     f = time_energy_frame(agg).set_index(["model", "gpu"])["front"]
     assert f.to_dict() == {("a", "H200"): True, ("a", "A100"): True, ("a", "H100 PCIe"): False, ("b", "H200"): True}
+
+
+def test_compare_across_runs_with_the_2023_import(tmp_path):
+    """Compare takes models of any run: per-response rows as boxes, an imported model (means
+    only) as a point with its means in the table, each labelled with its run."""
+    import json as _json
+
+    from sweep.cli import main
+    from tests.helpers import make_run, synthetic_rows
+    from tests.test_hostile_files import _good_source
+    from ui.data import RunsFolder
+    from ui.tabs import compare
+
+    make_run(tmp_path / "runs", "mine", [synthetic_rows("mine", "org/a", "chat", [300.0, 340.0], [100, 120])])
+    assert main(["import-mlenergy", str(_good_source(tmp_path)), "--out", str(tmp_path / "runs"), "--run-id", "y23"]) == 0
+    folder = RunsFolder(tmp_path / "runs")
+    values = [v for _, v in compare._choices(folder, "chat")]
+    assert {tuple(_json.loads(v)) for v in values} == {("mine", "org/a"), ("y23", "org/a"), ("y23", "org/b")}
+    energy, note, length, hist, table = compare.view(folder, "mine", "chat", [compare.entry("mine", "org/a"),
+                                                                               compare.entry("y23", "org/a")])
+    table = table.set_index("model")
+    assert table.loc["org/a · mine", "energy mean (J)"] == 320.0 and table.loc["org/a · mine", "responses"] == 2
+    assert table.loc["org/a · y23", "energy mean (J)"] == 500.0 and table.loc["org/a · y23", "gpu"] == "A40"
+    spec = _json.loads(energy.plot)
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["boxplot", "point"]
+    assert "means only" in note and hist is not None
+

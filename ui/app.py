@@ -90,7 +90,10 @@ class _Page:
     live: gr.Markdown
     tabs: gr.Tabs
     seen: gr.State  # (what the folder looked like, status) when this tab was last sent views
-    limit_max: gr.State  # (deadline, budget) maxima last sent to the sliders
+    # (deadline, budget, (their maxima)) last applied. The timer reads the limits from here,
+    # not from the sliders: a slider's value on the page can be older than the range a filter
+    # change just gave it, and Gradio refuses an event with a value out of range.
+    limits_applied: gr.State
     known_runs: gr.State  # the choices of the filters last sent
     known_gpus: gr.State
     known_backends: gr.State
@@ -107,7 +110,7 @@ class _Page:
     def view_outputs(self) -> list:
         b = self.board
         return ([b.notice, b.table, b.download, self.filtered] + self.plot.outputs + self.verb.outputs
-                + [self.lim.deadline, self.lim.budget, self.lim.table, self.lim.note, self.limit_max])
+                + [self.lim.deadline, self.lim.budget, self.lim.table, self.lim.note, self.limits_applied])
 
     def views(self, runs, gpus, task, backends, custom_cols, columns, rank_by, x, y, colour, log, score,
               vgpu, vmeasure, kind, kept=None):
@@ -116,11 +119,11 @@ class _Page:
         dl, db, (dval, bval), maxima = limits.ranges(f, runs, gpus, task, backends, kind, kept)
         return (*b, *plots.view(f, b[3], x, y, colour, log, score), *verbosity.view(f, runs, gpus, backends, vgpu,
                                                                                   vmeasure),
-                dl, db, *limits.view(f, runs, gpus, task, backends, kind, dval, bval), maxima)
+                dl, db, *limits.view(f, runs, gpus, task, backends, kind, dval, bval), (dval, bval, maxima))
 
     # -- the timer: what changed in the runs folder ---------------------------------------------
     def refresh_inputs(self) -> list:
-        return self.view_inputs() + [self.lim.deadline, self.lim.budget, self.limit_max, self.known_runs,
+        return self.view_inputs() + [self.limits_applied, self.known_runs,
                                      self.known_gpus, self.known_backends, self.det.run, self.comp.run, self.seen]
 
     def refresh_outputs(self) -> list:
@@ -129,7 +132,7 @@ class _Page:
                 + [self.about, self.known_runs, self.known_gpus, self.known_backends, self.seen])
 
     def refresh(self, *args):
-        *view_args, dl_now, db_now, maxima, old_runs, old_gpus, old_backends, detail_run, c_run_now, last = args
+        *view_args, applied, old_runs, old_gpus, old_backends, detail_run, c_run_now, last = args
         runs, gpus, task, backends = view_args[:4]
         f = self.folder
         agg = f.aggregates()
@@ -149,7 +152,7 @@ class _Page:
         same_choices = (all_runs == (old_runs or []) and all_gpus == (old_gpus or [])
                         and all_backends == (old_backends or []) and detail_run is not None)
         # The same view with new rows keeps the limits the user set.
-        kept = (dl_now, db_now, maxima) if same_choices else None
+        kept = applied if same_choices else None
         shown = self.views(runs, gpus, task, backends, *view_args[4:], kept=kept)
         if same_choices:  # leave the filter widgets alone: a re-render would close an open menu
             widgets = (SKIP(),) * 4
@@ -206,7 +209,7 @@ def _layout(folder: RunsFolder, runs_root) -> _Page:
                f"../shared/data/mlenergy_2023 --out {runs_root}`. They show up here by themselves.")
     return _Page(folder, Path(tempfile.mkdtemp(prefix="sweep-ui-")), no_runs, filters, custom, filtered, board, lim,
                  plot, verb, det, comp, about_runs_md, live, tabs,
-                 seen=gr.State(None), limit_max=gr.State(None),
+                 seen=gr.State(None), limits_applied=gr.State(None),
                  known_runs=gr.State(runs0), known_gpus=gr.State(gpus0), known_backends=gr.State(backends0))
 
 
@@ -230,19 +233,25 @@ def _wire(p: _Page) -> None:
                    p.verb.outputs, api_name=False)
     lim = p.lim
 
-    def on_kind(runs, gpus, task, backends, kind, budget, maxima):
+    def on_kind(runs, gpus, task, backends, kind, applied):
         # The deadline changes unit; an energy budget the user set stays.
-        kept = (None, budget, (None, maxima[1] if maxima else None)) if maxima else None
+        kept = (None, applied[1], (None, applied[2][1])) if applied and applied[2] else None
         dl, db, (dval, bval), new_max = limits.ranges(f, runs, gpus, task, backends, kind, kept)
-        return dl, db, *limits.view(f, runs, gpus, task, backends, kind, dval, bval), new_max
+        return dl, db, *limits.view(f, runs, gpus, task, backends, kind, dval, bval), (dval, bval, new_max)
 
-    lim.kind.input(on_kind, F + [lim.kind, lim.budget, p.limit_max],
-                   [lim.deadline, lim.budget, lim.table, lim.note, p.limit_max], api_name=False)
+    lim.kind.input(on_kind, F + [lim.kind, p.limits_applied],
+                   [lim.deadline, lim.budget, lim.table, lim.note, p.limits_applied], api_name=False)
+
+    def on_limit(runs, gpus, task, backends, kind, deadline, budget, applied):
+        maxima = applied[2] if applied else None
+        return *limits.view(f, runs, gpus, task, backends, kind, deadline, budget), (deadline, budget, maxima)
+
     for comp in (lim.deadline, lim.budget):
         # input: each value typed, set by the keyboard or dragged through (the last one wins:
         # a key held down sends many); release: a drag's end, or leaving the number box.
         for event in (comp.input, comp.release):
-            event(lambda *a: limits.view(f, *a), F + [lim.kind, lim.deadline, lim.budget], [lim.table, lim.note],
+            event(on_limit, F + [lim.kind, lim.deadline, lim.budget, p.limits_applied],
+                  [lim.table, lim.note, p.limits_applied],
                   api_name=False, trigger_mode="always_last", show_progress="hidden")
     b.add_col.click(lambda *a: leaderboard.add_column(f, p.csv_dir, *a),
                     [b.col_name, b.col_formula, p.custom] + F + [b.columns_in, b.rank_in],

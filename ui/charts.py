@@ -189,19 +189,29 @@ def distributions(rows: pd.DataFrame, field: str, group: str, title: str, domain
                          "tooltip": [{"field": group}, {"aggregate": "count", "title": "responses"}]}}
 
 
-def boxes(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[str], log: bool = False) -> dict | None:
-    """Per group, a box of the per-request values (side by side)."""
-    data = _positive(rows[[group, field]], [field], log)
-    if data.empty:
+def boxes(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[str], log: bool = False,
+          means: pd.DataFrame | None = None) -> dict | None:
+    """Per group, a box of the per-request values (side by side); `means` (group, field):
+    groups known only by their mean (an imported leaderboard), drawn as a point."""
+    data = _positive(rows[[group, field]], [field], log) if not rows.empty else rows
+    points = _positive(means[[group, field]], [field], log) if means is not None and not means.empty else None
+    if data.empty and points is None:
         return None
-    return {**_base(300), "data": {"values": _records(data)}, "mark": {"type": "boxplot", "extent": 1.5},
-            "encoding": {"x": {"field": group, "type": "nominal", "title": None, "sort": domain,
-                               "axis": {"labelAngle": -20, "labelLimit": 200}},
-                         "y": {"field": field, "type": "quantitative", "title": title, "scale": _scale(log),
-                               "axis": {"format": "~g"}},
-                         "color": {**_colour(group, domain), "legend": None},
-                         "tooltip": [{"field": group}, {"field": field, "type": "quantitative", "format": ".4~g",
-                                                        "title": title}]}}
+    x = {"field": group, "type": "nominal", "title": None, "sort": domain, "axis": {"labelAngle": -20, "labelLimit": 200}}
+    y = {"field": field, "type": "quantitative", "title": title, "scale": _scale(log), "axis": {"format": "~g"}}
+    tip = {"field": field, "type": "quantitative", "format": ".4~g", "title": title}
+    layers = []
+    if not data.empty:
+        layers.append({"data": {"values": _records(data)}, "mark": {"type": "boxplot", "extent": 1.5},
+                       "encoding": {"x": x, "y": y, "color": {**_colour(group, domain), "legend": None},
+                                    "tooltip": [{"field": group}, tip]}})
+    if points is not None:
+        layers.append({"data": {"values": _records(points)}, "mark": {"type": "point", "shape": "diamond", "size": 120,
+                                                                       "filled": True},
+                       "encoding": {"x": x, "y": y, "color": {**_colour(group, domain), "legend": None},
+                                    "tooltip": [{"field": group}, {**tip, "title": f"mean {title} (no per-response "
+                                                                                   f"values)"}]}})
+    return {**_base(300), "layer": layers}
 
 
 def timeline(samples: pd.DataFrame, requests: pd.DataFrame, width: int = WIDTH) -> dict | None:

@@ -121,8 +121,10 @@ def sort_table(df: pd.DataFrame, by: str | None) -> tuple[pd.DataFrame, str]:
         by = "energy" if df["energy"].notna().any() else "latency"
     higher = by in HIGHER_IS_BETTER
     out = df.sort_values(by, ascending=not higher, na_position="last", kind="stable").reset_index(drop=True)
-    label = (f"Ranked by {DISPLAY.get(by, by)}, {'highest' if higher else 'lowest'} first "
-             f"(Rank by below; a column's menu re-sorts what is shown)")
+    # The rank is a column, so the label stays true when a header's menu re-sorts the rows.
+    out.insert(0, "rank", out[by].rank(method="min", ascending=not higher).astype("Int64"))
+    label = (f"Ranked by {DISPLAY.get(by, by)}, {'highest' if higher else 'lowest'} first: # is each row's rank, "
+             f"which a column's menu re-sorting the rows leaves as it is (Rank by, below, changes it)")
     return out, label
 
 
@@ -169,6 +171,9 @@ def display_table(df: pd.DataFrame, custom: list[tuple[str, str]], columns: list
     to show in this view (e.g. scores of new runs) is left out, except ALWAYS."""
     chosen = set(columns if columns is not None else DEFAULT_COLUMNS) | {"model"}
     show = pd.DataFrame(index=df.index)
+    if "rank" in df:  # whole numbers; a row without the ranked figure gets none
+        rank = df["rank"]
+        show["#"] = rank.astype("int64") if rank.notna().all() else [None if pd.isna(r) else int(r) for r in rank]
     for col, header in DISPLAY.items():
         if col not in chosen:
             continue

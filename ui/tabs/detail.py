@@ -177,7 +177,9 @@ def open_from_row(folder: RunsFolder, run_choices: list[str], df: pd.DataFrame, 
     if df is None or df.empty or evt.index is None:
         return (gr.skip(),) * (4 + len(nothing("")))
     row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-    shown = _link_text((evt.row_value or [None])[0]) if evt.row_value else None
+    # The model is the row's first text cell: the rank (#) before it is a number.
+    text = [c for c in (evt.row_value or []) if isinstance(c, str)]
+    shown = _link_text(text[0]) if text else None
     chosen = df.iloc[row] if row < len(df) and (shown is None or df.iloc[row]["model"] == shown) else None
     model = chosen["model"] if chosen is not None else shown
     agg = folder.aggregates()
