@@ -191,7 +191,7 @@ def main() -> None:
     p.add_argument("--cache", default="static", choices=["static", "dynamic"], help="the transformers backend's cache")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--dump", help="a folder: every counter move, request phase and reference of each setting "
-                                  "(bench/fidelity_replay.py reads them)")
+                                 "(to study the attribution offline)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/fidelity.py needs an NVIDIA GPU")
