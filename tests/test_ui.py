@@ -187,6 +187,11 @@ def test_leaderboard_filter_formula_plot_live(app, page):
     _drawn(page, "pareto")
     page.locator("#log input").check()
     _drawn(page, "scatter")
+    # each chart has a text alternative with its figures; the page has headings to move by
+    said = page.locator("#pareto [role=graphics-document]").get_attribute("aria-label")
+    assert said.startswith("Latency against energy per response") and "gamma-3b on H200" in said, said
+    headings = page.locator("h2, h3").all_inner_texts()
+    assert {"Leaderboard", "Plots", "Time against energy"} <= {h.strip() for h in headings}, headings
     _shot(page, "ui-plots.png")
     page.get_by_role("tab", name="Leaderboard").click()
 
@@ -219,11 +224,12 @@ def test_verbosity_numbers_match_a_hand_computation(page):
     page.get_by_role("tab", name="Verbosity").click()
     _wait_text(page, "#verbosity", "alpha-7b")
     _wait_text(page, "#verbosity", "beta-13b")
-    # the table as the page shows it: the header cells, then the rows, one cell a line
-    cells = [c.strip() for c in page.locator("#verbosity").inner_text().split("\n") if c.strip()]
-    width = min(cells.index("alpha-7b"), cells.index("beta-13b"))  # the header cells come before the first row
-    headers, body = cells[:width], cells[width:]
-    rows = {r[headers.index("model")]: r for r in (body[i:i + width] for i in range(0, len(body), width))}
+    # the table as the page shows it, read cell by cell
+    headers = [h.strip() for h in page.locator("#verbosity [role=columnheader]").all_inner_texts()]
+    body = [[c.strip() for c in row.locator("[role=gridcell]").all_inner_texts()]
+            for row in page.locator("#verbosity [role=row]").all()]
+    rows = {r[headers.index("model")]: r for r in body if len(r) == len(headers) and any(r)}
+    assert "alpha-7b" in rows, (headers, body)
     energy, length = headers.index("energy saved %"), headers.index("length saved %")
     # by hand: alpha 320 J -> 160 J, 210 -> 95 tokens; beta 950 J -> 710 J, 410 -> 305 tokens
     assert float(rows["alpha-7b"][energy]) == round(100 * (1 - 160 / 320), 1) == 50.0

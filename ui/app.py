@@ -29,12 +29,15 @@ SKIP = gr.skip
 _TABLES = ("#leaderboard", "#limits-table", "#verbosity", "#compare-table", "#detail-samples")
 CSS = (", ".join(f"{t} td, {t} th, {t} th *" for t in _TABLES)
        + " { white-space: nowrap; overflow-wrap: normal; word-break: keep-all; } "
-       "#leaderboard td:first-child { white-space: normal; word-break: normal; min-width: 9em; } "
+       "#leaderboard td:nth-child(2) { white-space: normal; word-break: normal; min-width: 9em; } "
        "#leaderboard td:last-child { white-space: normal; word-break: normal; min-width: 14em; max-width: 28em; } "
        "#detail-samples td { word-break: normal; } "
        "#leaderboard .table-wrap, #limits-table .table-wrap, #verbosity .table-wrap, #compare-table .table-wrap, "
        "#detail-samples .table-wrap { overflow-x: auto; } "
-       ".gradio-container .vega-embed { width: 100% !important; }")
+       ".gradio-container .vega-embed { width: 100% !important; } "
+       # A heading for screen readers only: the tab's own button already says it on screen.
+       ".sr-only { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); "
+       "white-space: nowrap; }")
 
 
 def _choices(agg: pd.DataFrame) -> tuple[list, list, list, list]:
@@ -171,6 +174,10 @@ class _Page:
                 all_runs, all_gpus, all_backends, state)
 
 
+def _heading(text: str) -> None:
+    gr.Markdown(f"## {text}", elem_classes=["sr-only"])
+
+
 def _layout(folder: RunsFolder, runs_root) -> _Page:
     """The components, in the page's order (inside a gr.Blocks)."""
     agg0 = folder.aggregates()
@@ -191,18 +198,25 @@ def _layout(folder: RunsFolder, runs_root) -> _Page:
     filters = [runs_in, gpus_in, task_in, backends_in]  # the order every handler takes them in
     with gr.Tabs(elem_id="tabs") as tabs:
         with gr.Tab("Leaderboard", id="board"):
+            _heading("Leaderboard")
             board = leaderboard.build(nums0)
         with gr.Tab("Under limits", id="limits"):
+            _heading("Under limits")
             lim = limits.build()
         with gr.Tab("Plots", id="plots"):
+            _heading("Plots")
             plot = plots.build(nums0)
         with gr.Tab("Verbosity", id="verbosity"):
+            _heading("Verbosity")
             verb = verbosity.build()
         with gr.Tab("Model detail", id="detail"):
+            _heading("Model detail")
             det = detail.build()
         with gr.Tab("Compare", id="compare"):
+            _heading("Compare")
             comp = compare.build()
         with gr.Tab("About", id="about"):
+            _heading("About")
             about_runs_md = about.build()
     no_runs = (f"**No runs yet in `{runs_root}`.** Make one with `python -m sweep --config models.yaml --out "
                f"{runs_root}`, or add the 2023 leaderboard's results with `python -m sweep import-mlenergy "

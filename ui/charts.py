@@ -68,6 +68,28 @@ def _base(height: int = 340, width: int = WIDTH) -> dict:
             "autosize": {"type": "fit", "contains": "padding"}, "padding": _PAD}
 
 
+def _num(v) -> str:
+    return f"{v:.4g}"
+
+
+def _listed(items: list[str], most: int = 12) -> str:
+    """A text alternative's list, cut short where a chart holds many marks."""
+    more = len(items) - most
+    return "; ".join(items[:most]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _described(spec: dict, text: str) -> dict:
+    # Vega turns the top-level description into the chart's aria-label: the text
+    # a screen reader gives for what is otherwise a canvas.
+    return {**spec, "description": text}
+
+
+def _spread(data: pd.DataFrame, field: str, group: str) -> list[str]:
+    """Per group: how many values, their median and range."""
+    return [f"{g}: {len(d)} responses, median {_num(d[field].median())}, from {_num(d[field].min())} "
+            f"to {_num(d[field].max())}" for g, d in data.groupby(group, sort=True)]
+
+
 def _positive(df: pd.DataFrame, cols: list[str], log: bool) -> pd.DataFrame:
     df = df.dropna(subset=cols)
     if log:  # a log axis cannot place 0 or less
@@ -92,8 +114,12 @@ def scatter(df: pd.DataFrame, x: str, y: str, colour: str | None, domain: list[s
             enc["color"] = {"field": colour, "type": "quantitative", "title": axis_title(colour)}
         else:
             enc["color"] = _colour(colour, domain)
-    return {**_base(), "data": {"values": _records(data)}, "mark": {"type": "point", "filled": True, "size": 70},
+    spec = {**_base(), "data": {"values": _records(data)}, "mark": {"type": "point", "filled": True, "size": 70},
             "encoding": enc}
+    name = (lambda r: f"{r['model']} on {r['gpu']}") if {"model", "gpu"} <= set(data) else (lambda r: "a point")
+    low, high = data.loc[data[y].idxmin()], data.loc[data[y].idxmax()]
+    return _described(spec, f"Scatter of {axis_title(y)} against {axis_title(x)}, {len(data)} points. Lowest "
+                            f"{axis_title(y)}: {name(low)}, {_num(low[y])}; highest: {name(high)}, {_num(high[y])}.")
 
 
 def pareto(df: pd.DataFrame, domain: list[str], log: bool = False) -> dict | None:
@@ -108,7 +134,12 @@ def pareto(df: pd.DataFrame, domain: list[str], log: bool = False) -> dict | Non
     tip = [{"field": c, "type": "nominal"} for c in ("model", "gpu", "backend", "task", "run_id")] + [
         {"field": "latency", "type": "quantitative", "format": ".3g"},
         {"field": "energy", "type": "quantitative", "format": ".4g"}]
-    return {**_base(), "data": {"values": _records(data)}, "layer": [
+    front = data[data["front"].astype(bool)].sort_values(["model", "latency"])
+    text = (f"Latency against energy per response for {len(data)} configurations of {data['model'].nunique()} "
+            f"model(s). On each model's Pareto front: " + _listed(
+                [f"{r.model} on {r.gpu} with {r.backend}, {_num(r.latency)} s and {_num(r.energy)} J"
+                 for r in front.itertuples()]) + ".")
+    return _described({**_base(), "data": {"values": _records(data)}, "layer": [
         {"transform": [{"filter": "datum.front"}], "mark": {"type": "line", "strokeWidth": 2, "color": "#888"},
          "encoding": {"x": x, "y": y, "detail": {"field": "model", "type": "nominal"},
                       "order": {"field": "latency", "type": "quantitative"}}},
@@ -116,7 +147,7 @@ def pareto(df: pd.DataFrame, domain: list[str], log: bool = False) -> dict | Non
          "encoding": {"x": x, "y": y, "color": colour, "tooltip": tip,
                       "shape": {"field": "front", "type": "nominal", "title": "on the front",
                                 "scale": {"domain": [True, False], "range": ["diamond", "circle"]}}}},
-    ]}
+    ]}, text)
 
 
 def concurrency_curves(df: pd.DataFrame, log: bool = False) -> dict | None:
@@ -136,7 +167,12 @@ def concurrency_curves(df: pd.DataFrame, log: bool = False) -> dict | None:
         {"field": "concurrency", "type": "quantitative", "title": "in flight"},
         {"field": "time_per_token", "type": "quantitative", "format": ".3g", "title": "time per token (s)"},
         {"field": "energy_per_token", "type": "quantitative", "format": ".4g", "title": "J/token"}]
-    return {**_base(), "data": {"values": _records(data)}, "layer": [
+    text = "Energy per token against time per output token, a line per configuration through its requests " \
+           "in flight: " + _listed([
+               f"{cfg}: " + ", ".join(f"{int(r.concurrency)} in flight {_num(r.time_per_token)} s and "
+                                      f"{_num(r.energy_per_token)} J" for r in d.sort_values("concurrency").itertuples())
+               for cfg, d in data.groupby("config", sort=True)], most=6) + "."
+    return _described({**_base(), "data": {"values": _records(data)}, "layer": [
         {"mark": {"type": "line", "strokeWidth": 2},
          "encoding": {"x": x, "y": y, "color": colour, "detail": {"field": "config", "type": "nominal"},
                       "order": {"field": "concurrency", "type": "quantitative"}}},
@@ -144,7 +180,7 @@ def concurrency_curves(df: pd.DataFrame, log: bool = False) -> dict | None:
                                                                              "tooltip": tip}},
         {"mark": {"type": "text", "dx": 8, "dy": -8, "fontSize": 11},
          "encoding": {"x": x, "y": y, "text": {"field": "concurrency", "type": "quantitative"}}},
-    ]}
+    ]}, text)
 
 
 def verbosity_bars(v: pd.DataFrame, measure: str) -> dict | None:
@@ -167,7 +203,9 @@ def verbosity_bars(v: pd.DataFrame, measure: str) -> dict | None:
     bars = {"mark": {"type": "bar"}, "encoding": {**enc, "tooltip": [
         {"field": "label", "title": "model"}, {"field": "pair"},
         {"field": "saved", "type": "quantitative", "format": ".1f", "title": measure}]}}
-    return {**_base(380), "data": {"values": _records(data)}, "layer": [bars, text]}
+    words = f"{measure} by the concise prompt, per model and task pair: " + _listed(
+        [f"{r.label}, {r.pair}: {r.saved:.1f}" for r in data.itertuples()], most=20) + "."
+    return _described({**_base(380), "data": {"values": _records(data)}, "layer": [bars, text]}, words)
 
 
 def distributions(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[str] | None = None,
@@ -178,15 +216,17 @@ def distributions(rows: pd.DataFrame, field: str, group: str, title: str, domain
     if data.empty:
         return None
     groups = data[group].nunique()
+    words = f"Histogram of {title}, per {group}: " + _listed(_spread(data, field, group)) + "."
     x = {"field": field, "bin": {"maxbins": 30}, "title": title}
     if log:  # bins of equal width on a log axis: bin the logarithm
         data = data.assign(**{field: data[field].map(math.log10)})
         x = {"field": field, "bin": {"maxbins": 30}, "title": f"log10 {title}"}
-    return {**_base(260, width), "data": {"values": _records(data)},
-            "mark": {"type": "bar", "opacity": 0.55 if groups > 1 else 0.9, "binSpacing": 0},
-            "encoding": {"x": x, "y": {"aggregate": "count", "title": "responses", "stack": None},
-                         "color": _colour(group, domain or sorted(data[group].unique())),
-                         "tooltip": [{"field": group}, {"aggregate": "count", "title": "responses"}]}}
+    return _described({**_base(260, width), "data": {"values": _records(data)},
+                       "mark": {"type": "bar", "opacity": 0.55 if groups > 1 else 0.9, "binSpacing": 0},
+                       "encoding": {"x": x, "y": {"aggregate": "count", "title": "responses", "stack": None},
+                                    "color": _colour(group, domain or sorted(data[group].unique())),
+                                    "tooltip": [{"field": group}, {"aggregate": "count", "title": "responses"}]}},
+                      words)
 
 
 def boxes(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[str], log: bool = False,
@@ -211,7 +251,10 @@ def boxes(rows: pd.DataFrame, field: str, group: str, title: str, domain: list[s
                        "encoding": {"x": x, "y": y, "color": {**_colour(group, domain), "legend": None},
                                     "tooltip": [{"field": group}, {**tip, "title": f"mean {title} (no per-response "
                                                                                    f"values)"}]}})
-    return {**_base(300), "layer": layers}
+    items = _spread(data, field, group) if not data.empty else []
+    if points is not None:
+        items += [f"{r[group]}: mean {_num(r[field])}, no per-response values" for _, r in points.iterrows()]
+    return _described({**_base(300), "layer": layers}, f"{title}, per {group}: {_listed(items)}.")
 
 
 def timeline(samples: pd.DataFrame, requests: pd.DataFrame, width: int = WIDTH) -> dict | None:
@@ -236,4 +279,8 @@ def timeline(samples: pd.DataFrame, requests: pd.DataFrame, width: int = WIDTH) 
                                       {"field": "decode_j", "format": ".1f", "title": "decode J"}]}}
     first = {"mark": {"type": "rule", "strokeDash": [3, 3], "color": "#e15759"}, "data": {"values": reqs},
              "encoding": {"x": {"field": "first_token_s", "type": "quantitative"}}}
-    return {**_base(300, width), "layer": [shade, first, line]}
+    span = samples["t_s"].max() - samples["t_s"].min()
+    words = (f"GPU power over {span:.1f} s: {len(samples)} samples, median {samples['power_w'].median():.0f} W, "
+             f"highest {samples['power_w'].max():.0f} W; {len(requests)} request(s) shaded from start to end, "
+             f"a dashed rule at each first token.")
+    return _described({**_base(300, width), "layer": [shade, first, line]}, words)

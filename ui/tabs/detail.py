@@ -139,13 +139,16 @@ def build() -> Detail:
         model = gr.Dropdown(label="Model", elem_id="detail-model", allow_custom_value=True)
         task = gr.Dropdown(label="Task", elem_id="detail-task", allow_custom_value=True)
     summary = gr.Markdown(elem_id="detail-summary")
+    gr.Markdown("### Distributions")
     with gr.Row():
         with gr.Column():
             energy = gr.Plot(label="Energy per response", elem_id="detail-energy")
             energy_note = gr.Markdown(elem_id="detail-energy-note")
         length = gr.Plot(label="Response length", elem_id="detail-length")
+    gr.Markdown("### Power over time")
     timeline = gr.Plot(label="Power timeline", elem_id="detail-timeline")
     timeline_note = gr.Markdown(elem_id="detail-timeline-note")
+    gr.Markdown("### Samples and checks")
     samples = gr.Dataframe(interactive=False, wrap=True, max_chars=80, label="Sample prompts and responses",
                            elem_id="detail-samples")
     checks = gr.Markdown(elem_id="detail-checks")

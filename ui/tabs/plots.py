@@ -44,6 +44,7 @@ class Plots:
 
 
 def build(nums: list[str]) -> Plots:
+    gr.Markdown("### Any two metrics")
     with gr.Row():
         x = gr.Dropdown(nums, value="parameters", label="X", elem_id="x-axis")
         y = gr.Dropdown(nums, value="energy", label="Y", elem_id="y-axis")
@@ -52,12 +53,15 @@ def build(nums: list[str]) -> Plots:
         log = gr.Checkbox(label="Log scales", value=False, elem_id="log")
     scatter = gr.Plot(label="Scatter (hover for the model)", elem_id="scatter")
     scatter_note = gr.Markdown(elem_id="scatter-note")
+    gr.Markdown("### Time against energy")
     front = gr.Plot(label="Time vs energy per response; a line: each model's Pareto front across its GPUs, backends "
                           "and runs", elem_id="pareto")
     front_note = gr.Markdown(elem_id="pareto-note")
+    gr.Markdown("### Under concurrency")
     curves = gr.Plot(label="Energy per token against time per token, a line per model through its concurrency "
                            "levels (the label: requests in flight)", elem_id="concurrency-curves")
     curves_note = gr.Markdown(elem_id="concurrency-note")
+    gr.Markdown("### Energy and quality")
     score = gr.Dropdown([("mean of the three", "quality")] + [(s, s) for s in SCORES], value="quality",
                         label="2023 quality score", elem_id="score")
     quality = gr.Plot(label="Energy vs 2023 quality score", elem_id="quality")
