@@ -88,7 +88,7 @@ def check_complete(f: RunFacts) -> list[Expectation]:
     return out
 
 
-def check_no_duplicates(f: RunFacts) -> list[Expectation]:
+def check_stored_once(f: RunFacts) -> list[Expectation]:
     """No (model, task, prompt) is stored twice, and no row is of a prompt outside the plan."""
     out = []
     for r in f.stored.itertuples():
@@ -161,7 +161,7 @@ def check_flagged_share(f: RunFacts) -> list[Expectation]:
     return out
 
 
-def check_host_bound(f: RunFacts) -> list[Expectation]:
+def check_gpu_busy(f: RunFacts) -> list[Expectation]:
     """The GPU works during requests: mean power well above idle."""
     out = []
     # Rows written before mean_power_w existed have none: nothing to judge.
@@ -194,7 +194,7 @@ def check_worker_spread(f: RunFacts) -> list[Expectation]:
     return out
 
 
-def check_failures(f: RunFacts) -> list[Expectation]:
+def check_no_failed_jobs(f: RunFacts) -> list[Expectation]:
     """No job failed."""
     if not f.failures:
         return [Expectation("no_failed_jobs", True, ERROR, "no failed job")]
@@ -264,8 +264,8 @@ def check_steady_window(f: RunFacts) -> list[Expectation]:
     return out
 
 
-CHECKS = [check_complete, check_no_duplicates, check_energy_present, check_idle_power, check_flagged_share,
-          check_host_bound, check_worker_spread, check_failures, check_temperature, check_attribution,
+CHECKS = [check_complete, check_stored_once, check_energy_present, check_idle_power, check_flagged_share,
+          check_gpu_busy, check_worker_spread, check_no_failed_jobs, check_temperature, check_attribution,
           check_steady_window]
 
 

@@ -111,3 +111,13 @@ def test_every_docs_page_says_what_it_covers_first():
     for page in sorted((ROOT / "docs").rglob("*.md")):
         lines = [line for line in page.read_text().splitlines() if line.strip()]
         assert lines[0].startswith("# ") and len(lines) > 1 and not lines[1].startswith("#"), page
+
+
+def test_each_check_is_named_after_the_expectation_it_emits():
+    import inspect
+
+    from sweep.validate import CHECKS
+
+    for check in CHECKS:
+        emitted = set(re.findall(r'Expectation\(\s*"([a-z_]+)"', inspect.getsource(check)))
+        assert check.__name__.removeprefix("check_") in emitted, (check.__name__, emitted)
