@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import ui.data
-from sweep.record import RESULT_SCHEMA
+from sweep.record import POWER_SCHEMA, RESULT_SCHEMA
 from sweep.report import run_aggregates
 from sweep.store import MERGED_SUFFIX, RunStore, job_slug, part_job
+from sweep.store.parts import PartFolder
 from sweep.writer import RunWriter
 from tests.helpers import ROOT, make_run, synthetic_rows, tmpfs
 from ui.data import RunsFolder
@@ -109,9 +110,21 @@ def write_table(table, where, **kwargs):
     step("write-done")
 
 pq.write_table = write_table
-RunStore(sys.argv[1]).compact_run()
+store = RunStore(sys.argv[1])
+store.compact_run() if len(sys.argv) < 4 else store.compact_power(sys.argv[3])  # argv[3]: one job's power files
 print(" ".join(steps))
 """
+
+
+def _compact_killed_before(run_dir, k, *slug):
+    """CHILD's compaction of the run (or of one job's power files), killed before its k-th
+    step: None, or the steps it took when it finished first."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(k), *slug], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode == 0:
+        return proc.stdout.split()
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    return None
 
 
 @pytest.fixture
@@ -143,12 +156,9 @@ def test_a_kill_at_any_step_of_compaction_leaves_every_row_once(tmp_path, half_c
         store = RunStore(shutil.copytree(pristine.run_dir, root / "r"))
         live = RunsFolder(root)
         live.aggregates()  # a UI watching the run when the compaction starts
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(store.run_dir), str(k)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode == 0:
-            steps = proc.stdout.split()
+        steps = _compact_killed_before(store.run_dir, k)
+        if steps is not None:
             break
-        assert proc.returncode == -9, proc.stderr[-2000:]
         # what every reader sees, before anything cleaned up after the crash
         assert _seen(store) == want, f"killed before step {k}"
         assert {k: len(v) for k, v in store.done_prompt_ids().items()} == {("a", "chat"): 16, ("b", "chat"): 9,
@@ -168,6 +178,47 @@ def test_a_kill_at_any_step_of_compaction_leaves_every_row_once(tmp_path, half_c
     # every step was a kill point once: writes, fsyncs, renames, removals of both jobs
     assert steps is not None and k == len(steps)
     assert Counter(steps) == {"write": 2, "write-done": 2, "fsync": 6, "replace": 2, "unlink": 4 + 3}
+
+
+def _power(start, n):
+    t0 = pd.Timestamp("2026-01-01", tz="UTC")
+    return pa.table({"model": ["a"] * n, "task": ["chat"] * n, "host": ["h"] * n, "gpu_index": [0] * n,
+                     "timestamp": [t0 + pd.Timedelta(milliseconds=100 * i) for i in range(start, start + n)],
+                     "power_w": [100.0 + i for i in range(start, start + n)], "temperature_c": [None] * n},
+                    schema=POWER_SCHEMA)
+
+
+def test_a_kill_at_any_step_of_a_power_compaction_leaves_every_sample_once(tmp_path):
+    """The power timeline's files go through the same merge as the rows: an earlier merged
+    file, a file it replaced that a crash left behind, and two newer files."""
+    slug = job_slug("a", "chat")
+    pristine = RunStore(tmp_path / "pristine" / "r")
+    for start, n in ((0, 4), (4, 4), (8, 2)):
+        pristine.write_power_part(_power(start, n), slug)
+    leftover = pristine.power_files()[0]
+    kept = leftover.read_bytes()
+    pristine.compact_power(slug)
+    leftover.write_bytes(kept)
+    pristine.write_power_part(_power(10, 3), slug)
+    pristine.write_power_part(_power(13, 3), slug)
+    want = Counter(range(16))
+
+    def samples(store):
+        return Counter(int(w) - 100 for w in store.read_power().column("power_w").to_pylist())
+
+    assert samples(pristine) == want
+    steps = None
+    for k in range(60):
+        store = RunStore(shutil.copytree(pristine.run_dir, tmp_path / f"kill{k}" / "r"))
+        steps = _compact_killed_before(store.run_dir, k, slug)
+        if steps is not None:
+            break
+        assert samples(store) == want, f"killed before step {k}"
+        store.compact_power(slug)  # the next compaction finishes it
+        assert len(store.power_files()) == 1 and samples(store) == want, f"killed before step {k}"
+        assert not [p for p in store.power_dir.iterdir() if p.name.startswith(".")]
+    assert steps is not None and k == len(steps)
+    assert Counter(steps) == {"write": 1, "write-done": 1, "fsync": 3, "replace": 1, "unlink": 1 + 3}
 
 
 def test_sweep_compact_command(tmp_path, half_compacted_run):
@@ -224,15 +275,15 @@ def test_a_listing_torn_by_a_compaction_is_taken_again(tmp_path, monkeypatch):
     store = _three_jobs(tmp_path)
     small = _job_files(store, "a")
     store.compact(job_slug("a", "chat"))
-    real = RunStore._names
+    real = PartFolder.names
     torn = [True]
 
-    def names(self, folder=None):
+    def names(self):
         if torn and torn.pop():
-            return {n for n in real(self, folder) if part_job(n) != job_slug("a", "chat")}
-        return real(self, folder)
+            return {n for n in real(self) if part_job(n) != job_slug("a", "chat")}
+        return real(self)
 
-    monkeypatch.setattr(RunStore, "_names", names)
+    monkeypatch.setattr(PartFolder, "names", names)
     assert [p.name for p in store.part_files() if part_job(p.name) == job_slug("a", "chat")] == _job_files(store, "a")
     assert not set(small) & set(_job_files(store, "a"))
     assert Counter(m for m, _, _ in _seen(RunStore(store.run_dir)).elements()) == {"a": 9, "b": 9}

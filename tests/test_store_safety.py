@@ -56,7 +56,7 @@ def test_every_reader_sets_a_damaged_file_aside_once(tmp_path, capsys):
 
 
 def test_whole_files_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
-    import sweep.store as store_mod
+    import sweep.store.files as store_mod
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -79,10 +79,10 @@ def test_whole_files_are_fsynced_before_the_rename_and_the_folder_after(tmp_path
 
 
 def test_manifest_is_strict_json():
-    from sweep.store import _write_json_atomic
+    from sweep.store import write_json_atomic
 
     with pytest.raises(ValueError):
-        _write_json_atomic(Path("/nonexistent/m.json"), {"x": float("inf")})  # refused before any file is made
+        write_json_atomic(Path("/nonexistent/m.json"), {"x": float("inf")})  # refused before any file is made
 
 
 # -- write-ahead log ----------------------------------------------------------------------

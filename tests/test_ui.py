@@ -450,3 +450,11 @@ def test_the_timer_sends_no_slider_value(tmp_path):
         page = _layout(RunsFolder(tmp_path), tmp_path)
     assert not any(isinstance(c, gr.Slider) for c in page.refresh_inputs())
     assert not any(isinstance(c, gr.Slider) for c in page.view_inputs())
+
+
+def test_a_control_used_while_its_last_event_runs_is_not_dropped(tmp_path):
+    """Gradio's default for input events ignores a use while the previous one is pending:
+    a second filter click in quick succession would be lost."""
+    demo = build_app(tmp_path)
+    modes = {fn.trigger_mode for fn in demo.fns.values() if any(kind == "input" for _, kind in fn.targets)}
+    assert modes == {"always_last"}

@@ -174,6 +174,11 @@ class _Page:
                 all_runs, all_gpus, all_backends, state)
 
 
+# A control's event runs again with the latest values when it was used while its last run
+# was pending: Gradio's default for input events drops that second use, so a quick second
+# click on a filter would leave the view showing the first.
+LATEST = {"api_name": False, "trigger_mode": "always_last"}
+
 def _heading(text: str) -> None:
     gr.Markdown(f"## {text}", elem_classes=["sr-only"])
 
@@ -232,19 +237,19 @@ def _wire(p: _Page) -> None:
     f, b = p.folder, p.board
     F = p.filters
     for comp in F:
-        comp.input(p.views, p.view_inputs(), p.view_outputs(), api_name=False)
+        comp.input(p.views, p.view_inputs(), p.view_outputs(), **LATEST)
     board_out = [b.notice, b.table, b.download, p.filtered]
 
     def board_view(*args):
         return leaderboard.board(f, p.csv_dir, *args)
 
     for comp in (b.columns_in, b.rank_in):
-        comp.input(board_view, F + [p.custom, b.columns_in, b.rank_in], board_out, api_name=False)
+        comp.input(board_view, F + [p.custom, b.columns_in, b.rank_in], board_out, **LATEST)
     for comp in p.plot.controls:
-        comp.input(lambda *a: plots.view(f, *a), [p.filtered] + p.plot.controls, p.plot.outputs, api_name=False)
+        comp.input(lambda *a: plots.view(f, *a), [p.filtered] + p.plot.controls, p.plot.outputs, **LATEST)
     for comp in (p.verb.gpu, p.verb.measure):
         comp.input(lambda *a: verbosity.view(f, *a), [F[0], F[1], F[3], p.verb.gpu, p.verb.measure],
-                   p.verb.outputs, api_name=False)
+                   p.verb.outputs, **LATEST)
     lim = p.lim
 
     def on_kind(runs, gpus, task, backends, kind, applied):
@@ -254,7 +259,7 @@ def _wire(p: _Page) -> None:
         return dl, db, *limits.view(f, runs, gpus, task, backends, kind, dval, bval), (dval, bval, new_max)
 
     lim.kind.input(on_kind, F + [lim.kind, p.limits_applied],
-                   [lim.deadline, lim.budget, lim.table, lim.note, p.limits_applied], api_name=False)
+                   [lim.deadline, lim.budget, lim.table, lim.note, p.limits_applied], **LATEST)
 
     def on_limit(runs, gpus, task, backends, kind, deadline, budget, applied):
         maxima = applied[2] if applied else None
@@ -266,24 +271,24 @@ def _wire(p: _Page) -> None:
         for event in (comp.input, comp.release):
             event(on_limit, F + [lim.kind, lim.deadline, lim.budget, p.limits_applied],
                   [lim.table, lim.note, p.limits_applied],
-                  api_name=False, trigger_mode="always_last", show_progress="hidden")
+                  show_progress="hidden", **LATEST)
     b.add_col.click(lambda *a: leaderboard.add_column(f, p.csv_dir, *a),
                     [b.col_name, b.col_formula, p.custom] + F + [b.columns_in, b.rank_in],
                     [p.custom, b.col_msg, p.plot.x, p.plot.y] + board_out, api_name="add_column")
     d = p.det
     d.run.input(lambda *a: detail.pick(f, *a), [d.run, d.model, d.task], [d.model, d.task] + d.outputs,
-                api_name=False)
+                **LATEST)
     for comp in (d.model, d.task):
-        comp.input(lambda *a: detail.model_detail(f, *a), [d.run, d.model, d.task], d.outputs, api_name=False)
+        comp.input(lambda *a: detail.model_detail(f, *a), [d.run, d.model, d.task], d.outputs, **LATEST)
     def open_detail(df: pd.DataFrame, evt: gr.SelectData):  # Gradio passes the click by this annotation
         return detail.open_from_row(f, p.run_choices(), df, evt)
 
     b.table.select(open_detail, [p.filtered], [p.tabs, d.run, d.model, d.task] + d.outputs, api_name=False)
     c = p.comp
     c.run.input(lambda r, t: compare.pick(f, p.run_choices(), r, t)[1:], [c.run, c.task],
-                [c.task, c.models] + c.outputs, api_name=False)
+                [c.task, c.models] + c.outputs, **LATEST)
     for comp in (c.task, c.models):
-        comp.input(lambda *a: compare.view(f, *a), [c.run, c.task, c.models], c.outputs, api_name=False)
+        comp.input(lambda *a: compare.view(f, *a), [c.run, c.task, c.models], c.outputs, **LATEST)
 
 
 def build_app(runs_root: str | Path, refresh_s: float = 5.0) -> gr.Blocks:
