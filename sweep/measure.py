@@ -369,7 +369,7 @@ class CounterMeter:
         for gpu, c in enumerate(self.log.counters):
             f = self._fits.per_gpu[gpu]
             with_phases = [p.phases for p in done if p.phases is not None]
-            got = iter(attribute(f, timeline, c, with_phases)) if f is not None else iter(())
+            got = iter(attribute(f, timeline, c, with_phases, self._excluded)) if f is not None else iter(())
             per_gpu.append([next(got, None) if p.phases is not None else None for p in done])
         return [self._one(p, [g[i] for g in per_gpu]) for i, p in enumerate(done)]
 

@@ -86,6 +86,28 @@ def test_each_decode_variant_gets_its_own_power():
             assert np.median(err) > 0.04, np.median(err)
 
 
+def test_what_the_gpu_spends_in_a_reference_pause_is_lent_to_no_request():
+    """A reference check's idle pause, where power settles (here: 250 W above what the
+    model says for idle): excluded, the requests on either side keep their own energy;
+    not excluded, the pause's deviation spreads into them."""
+    phases = _job(300, (0.03, 0.05), pauses=(150,))
+    a, b = phases[149].end_s, phases[150].start_s  # the one-second pause
+    sim = SimulatedCounter(lambda: phases, lag_s=0.05)
+    sim.t0, sim.next_u = phases[0].start_s - 5.0, phases[0].start_s - 4.963
+    end = phases[-1].end_s + 2.0
+    counter = _counter(sim, end)
+    counter.energy_j = [v + 250.0 * min(max(u - 0.05 - a, 0.0), b - a) for u, v in zip(counter.times_s, counter.energy_j)]
+    timeline = Timeline(phases)
+    true = np.array([sim.true_energy(p) for p in phases])
+    near = slice(140, 160)
+    errors = []
+    for exclude in ([(a, b)], []):
+        f = fit(timeline, counter, phases[0].start_s, end, exclude=[(a, b)])
+        est = np.array([x.energy_j for x in attribute(f, timeline, counter, phases, exclude)])
+        errors.append(np.median(np.abs(est[near] / true[near] - 1)))
+    assert errors[0] < 0.03 and errors[1] > 0.1, errors
+
+
 def test_a_resumed_job_gives_the_same_figures_as_an_uninterrupted_one():
     """Attribution needs no state from before a restart: the same requests run in one
     session, and in two (stopped after 120, resumed 30 s later, each session fitted on

@@ -265,6 +265,15 @@ def _increments(counter: Counter, start_s: float, end_s: float) -> tuple[np.ndar
     return t[keep], e[keep]
 
 
+def _outside(u: np.ndarray, r: Response, exclude) -> np.ndarray:
+    """Per increment: True where it counted none of the `exclude` periods (it counted
+    [u_{k-1} - delay, u_k - lag])."""
+    keep = np.ones(max(len(u) - 1, 0), bool)
+    for a, b in exclude:
+        keep &= ~((u[1:] - r.lag_s > a) & (u[:-1] - r.delay_s < b))
+    return keep
+
+
 def fit(timeline: Timeline, counter: Counter, start_s: float, end_s: float, response: Response | None = None,
         exclude: list[tuple[float, float]] = ()) -> Fit | None:
     """The phase powers (and, when `response` is None, the counter's response) that best
@@ -280,9 +289,7 @@ def fit(timeline: Timeline, counter: Counter, start_s: float, end_s: float, resp
     candidates = [response] if response is not None else [Response(float(lag), w) for w in WIDTHS_S for lag in LAGS_S]
     best = None
     for r in candidates:
-        keep = np.ones(len(y), bool)
-        for a, b in exclude:  # counted [u_{k-1} - delay, u_k - lag]: overlaps [a, b]?
-            keep &= ~((u[1:] - r.lag_s > a) & (u[:-1] - r.delay_s < b))
+        keep = _outside(u, r, exclude)
         if keep.sum() < 8:
             continue
         X = np.diff(timeline.seen(u, r), axis=0)[keep] @ to_fit
@@ -325,22 +332,27 @@ class Attributed:
     decode_j: float
 
 
-def attribute(f: Fit, timeline: Timeline, counter: Counter, requests: list[Phases]) -> list[Attributed]:
+def attribute(f: Fit, timeline: Timeline, counter: Counter, requests: list[Phases],
+              exclude: list[tuple[float, float]] = ()) -> list[Attributed]:
     """Each request's energy: its phase times at the fitted powers, scaled by how far the
     counter's increments around it (`SMOOTH_S` of them, centred) ran above or below the
     model. Over any stretch of that length the requests and the time between them add up
     to what the counter counted; one increment alone is not trusted, since when each move
-    is seen jitters by a few ms and moves its energy between neighbouring increments."""
+    is seen jitters by a few ms and moves its energy between neighbouring increments.
+    Increments that counted an `exclude` period (a reference check and its idle pauses,
+    where the GPU's power settles in ways the model does not describe) lend none of
+    their deviation to the requests beside them."""
     u, e = counter.arrays()
     r = f.response
     if len(u) < 2:
         return []
     model = np.diff(timeline.seen(u, r), axis=0) @ f.powers_for(timeline.variants)  # modelled energy per increment
-    residual = np.diff(e) - model
+    keep = _outside(u, r, exclude)
+    residual = np.where(keep, np.diff(e) - model, 0.0)
     period = float(np.median(np.diff(u))) if len(u) > 2 else 0.1
     k = max(1, int(round(SMOOTH_S / max(period, 1e-3))))
     window = np.ones(k)
-    num, den = np.convolve(residual, window, "same"), np.convolve(model, window, "same")
+    num, den = np.convolve(residual, window, "same"), np.convolve(np.where(keep, model, 0.0), window, "same")
     excess = np.divide(num, den, out=np.zeros_like(num), where=den > 0)  # the counter's excess over the model, locally
     # What the model leaves unexplained, as a share of an increment's energy: a request may
     # differ from the model by as much, unseen (a request shorter than the counter's period
