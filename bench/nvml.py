@@ -1,6 +1,6 @@
 """An independent reading of every GPU's energy: NVML's counter polled in a process of its own.
 
-Used to check the energy the sweep stores (tests/test_gpu.py, bench/decode.py): it
+Used to check the energy the sweep stores (tests/e2e/test_gpu.py, bench/decode.py): it
 shares no code with the meter, only the hardware counter. The counter moves about every
 100 ms, in steps of that much energy; a reading at a window's edge interpolates between
 the two polls around it, so a coarse poll can split a step the meter saw whole (at 10 ms,

@@ -123,8 +123,8 @@ def sort_table(df: pd.DataFrame, by: str | None) -> tuple[pd.DataFrame, str]:
     out = df.sort_values(by, ascending=not higher, na_position="last", kind="stable").reset_index(drop=True)
     # The rank is a column, so the label stays true when a header's menu re-sorts the rows.
     out.insert(0, "rank", out[by].rank(method="min", ascending=not higher).astype("Int64"))
-    label = (f"Ranked by {DISPLAY.get(by, by)}, {'highest' if higher else 'lowest'} first: # is each row's rank, "
-             f"which a column's menu re-sorting the rows leaves as it is (Rank by, below, changes it)")
+    label = (f"Ranked by {DISPLAY.get(by, by)}, {'highest' if higher else 'lowest'} first; # keeps the rank when "
+             f"a header re-sorts the rows")
     return out, label
 
 

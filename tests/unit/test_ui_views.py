@@ -91,7 +91,7 @@ def test_ranking_and_columns_by_default():
                synthetic_rows("r", "b", "chat", [200.0], [100], params_b=7))
     ranked, label = sort_table(agg, None)
     assert ranked["model"].tolist() == ["b", "a"] and label.startswith("Ranked by energy (J), lowest first")
-    assert display_table(ranked, [])["#"].tolist() == [1, 2] and "# is each row's rank" in label
+    assert display_table(ranked, [])["#"].tolist() == [1, 2] and "# keeps the rank" in label
     ranked, label = sort_table(agg, "throughput")
     assert label.startswith("Ranked by tok/s, highest first")
     # the rank is the row's, whatever order the table is shown in
@@ -186,7 +186,7 @@ def test_compare_across_runs_with_the_2023_import(tmp_path):
 
     from sweep.cli import main
     from tests.helpers import make_run, synthetic_rows
-    from tests.test_hostile_files import _good_source
+    from tests.unit.test_hostile_files import _good_source
     from ui.data import RunsFolder
     from ui.tabs import compare
 

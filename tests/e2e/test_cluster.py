@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tests.helpers import ROOT, kill_worker_and_finish, run_sweep_cli, tasks_yaml, write_yaml
-from tests.test_sweep import _stored_ids
+from tests.e2e.test_sweep import _stored_ids
 
 RAY = str(Path(sys.executable).parent / "ray")
 NODE_B = "sweep-node-b"

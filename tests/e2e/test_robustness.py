@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.helpers import ROOT, run_sweep_cli, tasks_yaml, tmpfs, write_yaml
-from tests.test_sweep import _start, _stored_ids, _wait_for_rows
+from tests.e2e.test_sweep import _start, _stored_ids, _wait_for_rows
 
 HOSTILE_NAMES = ["_baseline", "Ωmega", "../../etc", "a name with spaces"]
 

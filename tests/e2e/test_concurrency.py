@@ -143,8 +143,8 @@ def test_at_four_in_flight_a_killed_server_then_a_killed_worker_lose_and_repeat_
     import psutil
 
     from tests.helpers import ROOT, kill_worker_and_finish
-    from tests.test_server_backend import _serve_processes
-    from tests.test_sweep import _stored_ids, _wait_for_rows
+    from tests.e2e.test_server_backend import _serve_processes
+    from tests.e2e.test_sweep import _stored_ids, _wait_for_rows
 
     models = write_yaml(tmp_path / "models.yaml", {"models": [
         {"name": "srv", "path": "random:llama-tiny", "conv_template": "vicuna_v1.1", "backend": "server",
