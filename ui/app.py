@@ -179,6 +179,7 @@ class _Page:
 # click on a filter would leave the view showing the first.
 LATEST = {"api_name": False, "trigger_mode": "always_last"}
 
+
 def _heading(text: str) -> None:
     gr.Markdown(f"## {text}", elem_classes=["sr-only"])
 

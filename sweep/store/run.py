@@ -38,11 +38,14 @@ class RunStore:
         self.locks_dir = self.run_dir / "locks"
         self.manifest_path = self.run_dir / "manifest.json"
         self.quarantine = Quarantine(self.run_dir, read_only)
-        self.quarantine_dir = self.quarantine.folder
         self.results = PartFolder(self.results_dir, self.quarantine,
                                   "damaged part file ({}), its rows count as not stored")
         self.power = PartFolder(self.power_dir, self.quarantine, "damaged power timeline file ({})")
         self.references = PartFolder(self.references_dir, self.quarantine, "damaged reference checks file ({})")
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.quarantine.folder
 
     def create(self) -> None:
         for d in (self.results_dir, self.wal_dir, self.failures_dir, self.locks_dir):

@@ -204,3 +204,11 @@ def test_compare_across_runs_with_the_2023_import(tmp_path):
     assert [layer["mark"]["type"] for layer in spec["layer"]] == ["boxplot", "point"]
     assert "means only" in note and hist is not None
 
+
+
+def test_compare_with_a_stale_menu_value_says_so(tmp_path):
+    from ui.data import RunsFolder
+    from ui.tabs import compare
+
+    energy, note, *_rest, table = compare.view(RunsFolder(tmp_path), None, "chat", [compare.entry("gone", "x/y")])
+    assert energy is None and "None of these models" in note and table.empty

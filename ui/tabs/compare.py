@@ -92,10 +92,14 @@ def view(folder: RunsFolder, run_id, task, models) -> tuple:
         rows = folder.rows(r, m, task)
         if rows is None:  # figures only: the means
             s = _summary_of_means(folder, r, m, task, label)
+            if s.empty:  # no such run or model (a stale menu value)
+                continue
             summaries.append(s)
             means.append(s.rename(columns={"energy_mean": "energy_j", "length_mean": "tokens"}))
         elif not rows.empty:
             per_row.append(rows.assign(model=label, run=r, tokens=rows["response_tokens"].astype(float)))
+    if not per_row and not summaries:
+        return None, "_None of these models has rows or figures for this task._", None, None, pd.DataFrame()
     rows = pd.concat(per_row, ignore_index=True) if per_row else pd.DataFrame(
         columns=["model", "run", "energy_j", "tokens", "latency_s", "gpu_name"])
     if per_row:
