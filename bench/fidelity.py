@@ -13,8 +13,10 @@ way such references were taken before): the two references should agree.
 
 Printed per (backend, max_new_tokens): the window's median length; for `energy_j` and
 for the one-window reading, the error per response against the reference (median, p90,
-max) and the error of their sum against the references' sum; and what the job's own
-reference checks would cost at 3,000 prompts.
+max) and the error of their sum against the references' sum; what the job's own
+reference checks would cost at 3,000 prompts; and, since the reference is another
+execution of the request, how far the served request's time was from its repeats' and the
+error of `energy_j` over the request's own time (power) against the reference's.
 
     python bench/fidelity.py --preset tinyllama-1.1b --max-new-tokens 32 128 512 --prompts 900 320 80 --references 10
 """
@@ -65,12 +67,21 @@ def _prompts(n: int, dataset: Path = SHAREGPT):
 
 
 def _errors(values: np.ndarray, reference: np.ndarray) -> dict:
+    """Over the responses with both figures (a check whose repeats made other tokens has no reference)."""
     err = np.abs(values / reference - 1)
     ok = np.isfinite(err)
     if not ok.any():
         return {"median": np.nan, "p90": np.nan, "max": np.nan, "sum": np.nan, "n": 0}
     return {"median": float(np.median(err[ok])), "p90": float(np.quantile(err[ok], 0.9)), "max": float(err[ok].max()),
-            "sum": float(np.nansum(values) / np.nansum(reference[np.isfinite(values)]) - 1), "n": int(ok.sum())}
+            "sum": float(values[ok].sum() / reference[ok].sum() - 1), "n": int(ok.sum())}
+
+
+def _deviation(values: np.ndarray, reference: np.ndarray) -> dict:
+    dev = values / reference - 1
+    dev = dev[np.isfinite(dev)]
+    if not len(dev):
+        return {"median": np.nan, "min": np.nan, "max": np.nan}
+    return {"median": float(np.median(np.abs(dev))), "min": float(dev.min()), "max": float(dev.max())}
 
 
 def _chosen(be, prompts, n: int, fitted: set[str]) -> list:
@@ -124,7 +135,7 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
         worker._store_ready(writer, final=True)
         writer.close()
         rows = store.read_results().set_index("prompt_id").loc[[p.prompt_id for p in prompts]]
-    refs, raw, costs, periods = [], [], [], []
+    refs, raw, costs, periods, repeat_s = [], [], [], [], []
     for p in checked:
         seed = request_seed(0, "chat", p.prompt_id)
         spans = []
@@ -143,6 +154,7 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
         tokens = got[-1].response_tokens if got else []
         same = bool(tokens) and all(t == rows.loc[p.prompt_id, "response_tokens"] for t in tokens)
         raw.append((spans[0][0], spans[-1][1], len(spans)) if same else None)  # read once the poll has ended
+        repeat_s.append(float(np.mean([b - a for a, b in spans])) if spans else np.nan)
         if not same:
             refs[-1] = np.nan  # the repeats made other tokens: nothing to compare
         periods.append({"prompt_id": p.prompt_id, "pause_before": pending.pause_before,
@@ -152,6 +164,11 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
     ids = [p.prompt_id for p in checked]
     stored = rows.loc[ids, "energy_j"].to_numpy(float)
     window = rows.loc[ids, "window_energy_j"].to_numpy(float)
+    # The reference is another execution of the same request: where the runtime takes
+    # another time for it (a host-bound loop), energy differs with no meter error. Power
+    # (energy over the request's own time) tells the two apart.
+    served_s = rows.loc[ids, "latency_s"].to_numpy(float)
+    repeats_s = np.array(repeat_s, float)
     req_s = float(rows["latency_s"].mean())
     e = EnergySettings()
     cost_s = float(np.nanmean(costs))
@@ -166,6 +183,8 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
             "tokens": float(rows["response_tokens"].mean()),
             "methods": rows["energy_method"].value_counts().to_dict(),
             "energy_j": _errors(stored, ref), "one_window": _errors(window, ref),
+            "power": _errors(stored / served_s, ref / repeats_s),
+            "duration_vs_repeats": _deviation(served_s[np.isfinite(ref)], repeats_s[np.isfinite(ref)]),
             "_raw": raw, "_ref": refs,
             "_dump": {"served": served, "references": periods, "counters": counters,
                       "phases": [[q.start_s, q.first_token_s, q.end_s, q.variant] for q in meter.phases],
@@ -242,13 +261,15 @@ def main() -> None:
         r["reference_vs_nvml_poll"] = float(np.nanmedian(np.abs(np.array(r.pop("_ref"), float) / raw - 1)))
     print("\nper response, against the repeated-request reference: median / p90 / max error; error of the sum")
     print(f"{'backend':<14}{'new tok':>8}{'window':>8}  {'energy_j (stored)':<32}{'one window':<32}{'ref vs poll':>11}"
-          f"{'checks @3000':>14}")
+          f"{'checks @3000':>14}  {'energy_j / latency (power)':<32}{'served vs repeats time'}")
     for r in results:
         def cell(e):
             return f"{e['median']:.1%} / {e['p90']:.1%} / {e['max']:.1%}; {e['sum']:+.1%}"
         print(f"{r['backend']:<14}{r['max_new_tokens']:>8}{r['window_s']:>7.2f}s  {cell(r['energy_j']):<32}"
               f"{cell(r['one_window']):<32}{r['reference_vs_nvml_poll']:>11.2%}"
-              f"{r['checks_at_3000']['n']:>5} {r['checks_at_3000']['cost_share']:>7.1%}")
+              f"{r['checks_at_3000']['n']:>5} {r['checks_at_3000']['cost_share']:>7.1%}  {cell(r['power']):<32}"
+              f"{r['duration_vs_repeats']['median']:.1%} ({r['duration_vs_repeats']['min']:+.1%} to "
+              f"{r['duration_vs_repeats']['max']:+.1%})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.dump:  # the independent poll, wall clock: (gpu, time, counter J)

@@ -7,8 +7,10 @@ served as in a sweep (rows stored, energy per row from the counter: attributed a
 token share above). Printed per setting: tokens/s, J/token, latency p50 and p90, time to
 first token; at concurrency > 1 the steady window's length and J/token and the rows'
 sum against the counter over the job; at concurrency 1 the rows' sum against an
-independent NVML poll over the same windows, and what the HTTP client costs per request
-(its thread's CPU time).
+independent NVML poll over the same windows, and what the HTTP client adds per request:
+its time serial with each request (before the request leaves, after its last token), the
+whole path's cost on an engine that does no work (bench/null_engine.py), and, where the
+engine reports its own request latency (/metrics), the client's latency less the engine's.
 
     python bench/serving.py --concurrency 1 4 16 64 --max-new-tokens 128
 """
@@ -40,26 +42,79 @@ from sweep.worker import Worker, calibration_prompts  # noqa: E402
 SERVE = "transformers serve {path} --port {port} --device cuda --dtype float16 --continuous-batching"
 
 
-def _client_cpu(backend) -> list[float]:
-    """Bench only: the CPU time of the thread that runs each request (the client's own cost)."""
-    spent: list[float] = []
+def _client_timing(backend) -> list[dict]:
+    """Bench only: per request at concurrency 1, what the client spends around the engine's
+    work: before the request leaves (render, tokenize, body) and after the last streamed
+    token (the stream's end, counting, the row's fields), both serial with the request,
+    and its thread's CPU time (mostly stream parsing, which overlaps the engine's steps)."""
+    spent: list[dict] = []
     generate = backend.generate
 
     def timed(*args, **kwargs):
-        t0 = time.thread_time()
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            spent.append(time.thread_time() - t0)
+        arrivals = kwargs.setdefault("token_times", [])
+        t0, c0 = time.monotonic(), time.thread_time()
+        out = generate(*args, **kwargs)
+        t1 = time.monotonic()
+        last = arrivals[-1] if arrivals else t1
+        spent.append({"before_s": out.started_s - t0, "after_s": t1 - last, "cpu_s": time.thread_time() - c0,
+                      "wall_s": t1 - t0, "latency_s": out.latency_s})
+        return out
 
     backend.generate = timed
     return spent
 
 
+def _client_figures(spent: list[dict]) -> dict:
+    serial = [r["before_s"] + r["after_s"] for r in spent]
+    return {"client_serial_ms_p50": 1e3 * float(np.median(serial)), "client_serial_ms_p90": 1e3 * float(np.quantile(serial, 0.9)),
+            "client_cpu_ms_p50": 1e3 * float(np.median([r["cpu_s"] for r in spent]))}
+
+
+def _engine_latency_s(base: str) -> tuple[float, float] | None:
+    """(sum, count) of the engine's own end-to-end request latency from its Prometheus
+    /metrics (vLLM's and SGLang's `e2e_request_latency_seconds`); None where it has none."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        r = httpx.get(f"{base}/metrics", timeout=5.0)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    total = count = None
+    for family in text_string_to_metric_families(r.text):
+        if family.name.endswith("e2e_request_latency_seconds"):
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total = (total or 0.0) + sample.value
+                elif sample.name.endswith("_count"):
+                    count = (count or 0.0) + sample.value
+    return (total, count) if total is not None and count else None
+
+
+def null_engine_path(prompts, max_new: int) -> dict:
+    """The whole HTTP path on an engine that does no work (bench/null_engine.py), per
+    request: an upper bound on what the client adds to any engine's request."""
+    settings = GenerationSettings(max_new_tokens=max_new, temperature=0.7, context_length=2048, warmup_requests=0)
+    command = f"{sys.executable} {Path(__file__).with_name('null_engine.py')} --port {{port}}"
+    spec = ModelSpec(name="null", path="random:tinyllama-1.1b", conv_template="vicuna_v1.1", backend="server",
+                     server={"command": command, "ready_timeout_s": 60})
+    be = load_backend(spec, settings, "cpu")
+    spent = _client_timing(be)
+    try:
+        for i, p in enumerate(prompts):
+            be.generate(SYSTEM, p.text, seed=i)
+    finally:
+        be.close()
+    walls = [r["wall_s"] for r in spent[2:]]  # the first requests open the connection
+    return {"null_engine_ms_p50": 1e3 * float(np.median(walls)), "null_engine_ms_p90": 1e3 * float(np.quantile(walls, 0.9))}
+
+
 def run_level(worker, prompts, n: int, base: Path) -> dict:
     """One job at concurrency n; its rows and figures."""
     worker.concurrency = n
-    store = RunStore(base / f"c{n}")
+    store = RunStore(base / f"{worker.spec.backend}-c{n}")  # a folder per job: a reused one would mix its rows in
     store.create()
     writer = store.writer(job_slug(worker.spec.name, job_key("chat", n)))
     t0 = time.monotonic()
@@ -96,7 +151,7 @@ def run_backend(backend: str, levels: list[int], prompts_for, max_new: int, base
                      server={"command": SERVE, "ready_timeout_s": 600} if backend == "server" else None)
     t0 = time.perf_counter()
     be = load_backend(spec, settings, "cuda")
-    cpu = _client_cpu(be) if backend == "server" else None
+    spent = _client_timing(be) if backend == "server" else None
     worker = Worker("bench", spec.model_dump(mode="json"), tasks.model_dump(mode="json"), 1, _NoHub())
     worker.backend, worker.meter = be, open_meter(1)
     warm_prompts = prompts_for(8)
@@ -109,11 +164,16 @@ def run_backend(backend: str, levels: list[int], prompts_for, max_new: int, base
     out = []
     try:
         for n in levels:
-            if cpu is not None:
-                cpu.clear()
+            if spent is not None:
+                spent.clear()
+            engine_before = _engine_latency_s(be.base) if spent is not None and n == 1 else None
             r = run_level(worker, prompts_for(n), n, base) | {"backend": backend}
-            if cpu is not None and n == 1:
-                r["client_cpu_ms_per_request"] = 1e3 * float(np.median(cpu))
+            if spent is not None and n == 1:
+                r |= _client_figures(spent)
+                engine_after = _engine_latency_s(be.base) if engine_before else None
+                if engine_after and engine_after[1] > engine_before[1]:
+                    own = (engine_after[0] - engine_before[0]) / (engine_after[1] - engine_before[1])
+                    r["http_overhead_vs_engine_ms"] = 1e3 * (float(np.mean([x["latency_s"] for x in spent])) - own)
             out.append(r)
             print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
     finally:
@@ -146,6 +206,7 @@ def main() -> None:
         for backend in args.backends:
             levels = args.concurrency if backend == "server" else [1]
             results += run_backend(backend, levels, prompts_for, args.max_new_tokens, Path(base))
+    null = null_engine_path(pool[:args.prompts_at_1], args.max_new_tokens) if "server" in args.backends else None
     for r in results:  # the independent poll over the rows' own windows (lag ignored: the sum is over many)
         windows = r.pop("_windows")
         energy = r.pop("_energy_j")
@@ -153,7 +214,7 @@ def main() -> None:
             polled = sum(nvml.energy_j(0, a, b) for a, b in windows)
             r["rows_vs_nvml_poll"] = energy / polled - 1 if polled else None
     print("\nbackend       in flight  tok/s   J/token  latency p50/p90 (s)  TTFT p50  steady window  steady J/tok  "
-          "rows vs counter  rows vs poll  client ms")
+          "rows vs counter  rows vs poll  client serial ms p50/p90")
 
     def f(v, fmt):
         return format(v, fmt) if isinstance(v, (int, float)) else "n/a"
@@ -163,9 +224,19 @@ def main() -> None:
               f"   {f(r['latency_p50_s'], '.2f')}/{f(r['latency_p90_s'], '.2f')}          {f(r['ttft_p50_s'], '.3f')}"
               f"   {f(r.get('steady_window_s'), '10.1f')} s  {f(r.get('steady_j_per_token'), '10.4f')}"
               f"  {f(r.get('rows_vs_counter'), '+14.2%')}  {f(r.get('rows_vs_nvml_poll'), '+11.2%')}"
-              f"  {f(r.get('client_cpu_ms_per_request'), '8.2f')}")
+              f"  {f(r.get('client_serial_ms_p50'), '8.2f')}/{f(r.get('client_serial_ms_p90'), '.2f')}")
+    for r in results:
+        if "client_serial_ms_p50" in r:
+            print(f"\nclient at concurrency 1 ({r['backend']}): serial with each request (before it leaves, after its "
+                  f"last token) p50 {r['client_serial_ms_p50']:.2f} ms, p90 {r['client_serial_ms_p90']:.2f} ms; its "
+                  f"thread's CPU {r['client_cpu_ms_p50']:.1f} ms (overlapping the engine's steps); against the engine's "
+                  f"own timing: {f(r.get('http_overhead_vs_engine_ms'), '.2f')} ms"
+                  + ("" if "http_overhead_vs_engine_ms" in r else " (the engine reports no per-request timing)"))
+    if null is not None:
+        print(f"whole HTTP path on a null engine ({args.max_new_tokens} tokens streamed): p50 {null['null_engine_ms_p50']:.2f} ms, "
+              f"p90 {null['null_engine_ms_p90']:.2f} ms per request")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"levels": results, "null_engine": null}, indent=1))
 
 
 if __name__ == "__main__":

@@ -181,3 +181,23 @@ def test_a_sweep_with_both_backends_the_server_killed_then_resumed(tmp_path):
     assert list((results / "servers").glob("*.log"))
     time.sleep(2)
     assert not _serve_processes("llama-tiny")
+
+
+def test_the_null_engine_measures_the_http_path_through_the_server_backend():
+    """bench/serving.py's upper bound on the client's cost: an engine that does no work,
+    driven by the server backend as any engine is; the client's serial time is part of it."""
+    from bench.serving import _client_figures, _client_timing, _engine_latency_s
+
+    command = f"{sys.executable} {Path(__file__).parents[2] / 'bench' / 'null_engine.py'} --port {{port}}"
+    be = load_backend(_spec(command), GREEDY, "cpu")
+    try:
+        spent = _client_timing(be)
+        outs = [be.generate("Be brief.", f"Question {i}?", seed=i) for i in range(4)]
+        assert _engine_latency_s(be.base) is None  # no /metrics: no engine timing to compare with
+    finally:
+        be.close()
+    assert all(g.response_tokens == GREEDY.max_new_tokens and g.stop_reason == "length" for g in outs)
+    assert be.tokens_from == "server usage" and outs[0].response == " a" * GREEDY.max_new_tokens
+    assert all(0 <= r["before_s"] and 0 <= r["after_s"] and r["before_s"] + r["after_s"] < r["wall_s"] for r in spent)
+    figures = _client_figures(spent)
+    assert 0 < figures["client_serial_ms_p50"] <= figures["client_serial_ms_p90"]
