@@ -2,6 +2,7 @@
 once. Served through the `server` backend, what a request costs on it is the HTTP path's
 own cost (the client's rendering, tokenizing, request, stream parsing, counting, plus this
 server's few steps), an upper bound on what the client adds to a real engine's request.
+It runs on starlette and uvicorn, which the serving extra (`transformers[serving]`) brings.
 
     python bench/null_engine.py --port 8000
 """
