@@ -138,12 +138,13 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
     refs, raw, costs, periods, repeat_s = [], [], [], [], []
     for p in checked:
         seed = request_seed(0, "chat", p.prompt_id)
-        spans = []
+        spans, durations = [], []
 
         def run():
             out = be.generate(SYSTEM, p.text, seed=seed)
             ph = out.phases()
             spans.append((time.time() - (time.monotonic() - ph.start_s), time.time() - (time.monotonic() - ph.end_s)))
+            durations.append(ph.end_s - ph.start_s)
             return ph, out.response_tokens
 
         meter.reference(p.prompt_id, run, reference_s)
@@ -154,7 +155,7 @@ def run_setting(worker, be, prompts, checked, max_new: int, reference_s: float) 
         tokens = got[-1].response_tokens if got else []
         same = bool(tokens) and all(t == rows.loc[p.prompt_id, "response_tokens"] for t in tokens)
         raw.append((spans[0][0], spans[-1][1], len(spans)) if same else None)  # read once the poll has ended
-        repeat_s.append(float(np.mean([b - a for a, b in spans])) if spans else np.nan)
+        repeat_s.append(float(np.mean(durations)) if durations else np.nan)
         if not same:
             refs[-1] = np.nan  # the repeats made other tokens: nothing to compare
         periods.append({"prompt_id": p.prompt_id, "pause_before": pending.pause_before,

@@ -43,10 +43,11 @@ SERVE = "transformers serve {path} --port {port} --device cuda --dtype float16 -
 
 
 def _client_timing(backend) -> list[dict]:
-    """Bench only: per request at concurrency 1, what the client spends around the engine's
-    work: before the request leaves (render, tokenize, body) and after the last streamed
-    token (the stream's end, counting, the row's fields), both serial with the request,
-    and its thread's CPU time (mostly stream parsing, which overlaps the engine's steps)."""
+    """Bench only: per request at concurrency 1, the time around the engine's work that is
+    serial with the request: before it leaves (render, tokenize, body) and after its last
+    streamed token (the engine's closing of the stream, then counting and the row's fields:
+    an upper bound on the client's part of it), and the client thread's CPU time (mostly
+    stream parsing, which overlaps the engine's steps)."""
     spent: list[dict] = []
     generate = backend.generate
 
@@ -64,38 +65,63 @@ def _client_timing(backend) -> list[dict]:
     return spent
 
 
+def _ms(values, q: float) -> float:
+    return 1e3 * float(np.quantile(values, q))
+
+
 def _client_figures(spent: list[dict]) -> dict:
-    serial = [r["before_s"] + r["after_s"] for r in spent]
-    return {"client_serial_ms_p50": 1e3 * float(np.median(serial)), "client_serial_ms_p90": 1e3 * float(np.quantile(serial, 0.9)),
-            "client_cpu_ms_p50": 1e3 * float(np.median([r["cpu_s"] for r in spent]))}
+    before, after = [r["before_s"] for r in spent], [r["after_s"] for r in spent]
+    serial = [x + y for x, y in zip(before, after)]
+    return {"client_serial_ms_p50": _ms(serial, 0.5), "client_serial_ms_p90": _ms(serial, 0.9),
+            "client_before_ms_p50": _ms(before, 0.5), "client_after_ms_p50": _ms(after, 0.5),
+            "client_cpu_ms_p50": _ms([r["cpu_s"] for r in spent], 0.5)}
 
 
 def _engine_latency_s(base: str) -> tuple[float, float] | None:
     """(sum, count) of the engine's own end-to-end request latency from its Prometheus
-    /metrics (vLLM's and SGLang's `e2e_request_latency_seconds`); None where it has none."""
+    /metrics (vLLM's `e2e_request_latency_seconds`, SGLang's with --enable-metrics); None
+    where it has none."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
     try:
+        from prometheus_client.parser import text_string_to_metric_families  # Ray's dependency
+
         r = httpx.get(f"{base}/metrics", timeout=5.0)
-    except httpx.HTTPError:
-        return None
-    if r.status_code != 200:
+        if r.status_code != 200:
+            return None
+        families = list(text_string_to_metric_families(r.text))
+    except (ImportError, httpx.HTTPError, ValueError):  # no parser, no endpoint, or not Prometheus text
         return None
     total = count = None
-    for family in text_string_to_metric_families(r.text):
+    for family in families:
         if family.name.endswith("e2e_request_latency_seconds"):
             for sample in family.samples:
                 if sample.name.endswith("_sum"):
                     total = (total or 0.0) + sample.value
                 elif sample.name.endswith("_count"):
                     count = (count or 0.0) + sample.value
-    return (total, count) if total is not None and count else None
+    return (total, count) if total is not None and count is not None else None
+
+
+def client_less_engine_ms(base: str, before: tuple[float, float], spent: list[dict], wait_s: float = 5.0) -> float | None:
+    """The client's mean time per request (its whole call: rendering to the row's fields)
+    less the engine's own mean latency over the same requests; None unless the engine has
+    counted exactly those requests (it may record a request after its stream closed)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = _engine_latency_s(base)
+        if after is not None and after[1] - before[1] == len(spent):
+            own = (after[0] - before[0]) / len(spent)
+            return 1e3 * (float(np.mean([r["wall_s"] for r in spent])) - own)
+        if after is None or after[1] - before[1] > len(spent) or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
 
 
 def null_engine_path(prompts, max_new: int) -> dict:
-    """The whole HTTP path on an engine that does no work (bench/null_engine.py), per
-    request: an upper bound on what the client adds to any engine's request."""
+    """The whole HTTP path per request on an engine that does no work (bench/null_engine.py):
+    what the path costs with no engine time, its pieces arriving at once rather than one
+    per decode step."""
     settings = GenerationSettings(max_new_tokens=max_new, temperature=0.7, context_length=2048, warmup_requests=0)
     command = f"{sys.executable} {Path(__file__).with_name('null_engine.py')} --port {{port}}"
     spec = ModelSpec(name="null", path="random:tinyllama-1.1b", conv_template="vicuna_v1.1", backend="server",
@@ -107,8 +133,8 @@ def null_engine_path(prompts, max_new: int) -> dict:
             be.generate(SYSTEM, p.text, seed=i)
     finally:
         be.close()
-    walls = [r["wall_s"] for r in spent[2:]]  # the first requests open the connection
-    return {"null_engine_ms_p50": 1e3 * float(np.median(walls)), "null_engine_ms_p90": 1e3 * float(np.quantile(walls, 0.9))}
+    walls = [r["wall_s"] for r in spent[2:]]  # the first requests warm the path (imports, caches)
+    return {"null_engine_ms_p50": _ms(walls, 0.5), "null_engine_ms_p90": _ms(walls, 0.9)}
 
 
 def run_level(worker, prompts, n: int, base: Path) -> dict:
@@ -170,10 +196,8 @@ def run_backend(backend: str, levels: list[int], prompts_for, max_new: int, base
             r = run_level(worker, prompts_for(n), n, base) | {"backend": backend}
             if spent is not None and n == 1:
                 r |= _client_figures(spent)
-                engine_after = _engine_latency_s(be.base) if engine_before else None
-                if engine_after and engine_after[1] > engine_before[1]:
-                    own = (engine_after[0] - engine_before[0]) / (engine_after[1] - engine_before[1])
-                    r["http_overhead_vs_engine_ms"] = 1e3 * (float(np.mean([x["latency_s"] for x in spent])) - own)
+                if engine_before is not None:
+                    r["http_overhead_vs_engine_ms"] = client_less_engine_ms(be.base, engine_before, spent)
             out.append(r)
             print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
     finally:
@@ -228,12 +252,14 @@ def main() -> None:
     for r in results:
         if "client_serial_ms_p50" in r:
             print(f"\nclient at concurrency 1 ({r['backend']}): serial with each request (before it leaves, after its "
-                  f"last token) p50 {r['client_serial_ms_p50']:.2f} ms, p90 {r['client_serial_ms_p90']:.2f} ms; its "
+                  f"last token) p50 {r['client_serial_ms_p50']:.2f} ms, p90 {r['client_serial_ms_p90']:.2f} ms (before "
+                  f"{r['client_before_ms_p50']:.2f}, after {r['client_after_ms_p50']:.2f} ms p50); its "
                   f"thread's CPU {r['client_cpu_ms_p50']:.1f} ms (overlapping the engine's steps); against the engine's "
                   f"own timing: {f(r.get('http_overhead_vs_engine_ms'), '.2f')} ms"
-                  + ("" if "http_overhead_vs_engine_ms" in r else " (the engine reports no per-request timing)"))
+                  + ("" if r.get("http_overhead_vs_engine_ms") is not None else " (the engine reports no per-request timing, "
+                     "or counted other requests)"))
     if null is not None:
-        print(f"whole HTTP path on a null engine ({args.max_new_tokens} tokens streamed): p50 {null['null_engine_ms_p50']:.2f} ms, "
+        print(f"whole HTTP path on a null engine ({args.max_new_tokens} pieces streamed at once, no engine time): p50 {null['null_engine_ms_p50']:.2f} ms, "
               f"p90 {null['null_engine_ms_p90']:.2f} ms per request")
     if args.json:
         Path(args.json).write_text(json.dumps({"levels": results, "null_engine": null}, indent=1))

@@ -183,21 +183,29 @@ def test_a_sweep_with_both_backends_the_server_killed_then_resumed(tmp_path):
     assert not _serve_processes("llama-tiny")
 
 
-def test_the_null_engine_measures_the_http_path_through_the_server_backend():
-    """bench/serving.py's upper bound on the client's cost: an engine that does no work,
-    driven by the server backend as any engine is; the client's serial time is part of it."""
-    from bench.serving import _client_figures, _client_timing, _engine_latency_s
+def test_the_null_engine_measures_the_http_path_through_the_server_backend(served):
+    """bench/serving.py's figures of the client's cost, on an engine that does no work and
+    reports each request's latency on /metrics as vLLM does; `transformers serve` reports none."""
+    from bench.serving import _client_figures, _client_timing, _engine_latency_s, client_less_engine_ms
 
-    command = f"{sys.executable} {Path(__file__).parents[2] / 'bench' / 'null_engine.py'} --port {{port}}"
+    command = f"{sys.executable} {Path(__file__).parents[2] / 'bench' / 'null_engine.py'} --port {{port}} --metrics"
     be = load_backend(_spec(command), GREEDY, "cpu")
     try:
         spent = _client_timing(be)
+        before = _engine_latency_s(be.base)
         outs = [be.generate("Be brief.", f"Question {i}?", seed=i) for i in range(4)]
-        assert _engine_latency_s(be.base) is None  # no /metrics: no engine timing to compare with
+        after = _engine_latency_s(be.base)
+        overhead_ms = client_less_engine_ms(be.base, before, spent)
+        assert client_less_engine_ms(be.base, before, spent[:3], wait_s=0.5) is None  # other requests were counted
     finally:
         be.close()
+    assert before[1] == 0 and after[1] - before[1] == 4  # the probe is not streamed, so not counted
+    engine_mean_s = (after[0] - before[0]) / 4
+    client_mean_s = sum(r["wall_s"] for r in spent) / 4
+    assert 0 < engine_mean_s < client_mean_s and overhead_ms == pytest.approx(1e3 * (client_mean_s - engine_mean_s))
     assert all(g.response_tokens == GREEDY.max_new_tokens and g.stop_reason == "length" for g in outs)
     assert be.tokens_from == "server usage" and outs[0].response == " a" * GREEDY.max_new_tokens
-    assert all(0 <= r["before_s"] and 0 <= r["after_s"] and r["before_s"] + r["after_s"] < r["wall_s"] for r in spent)
     figures = _client_figures(spent)
-    assert 0 < figures["client_serial_ms_p50"] <= figures["client_serial_ms_p90"]
+    assert figures["client_serial_ms_p50"] == pytest.approx(figures["client_before_ms_p50"] + figures["client_after_ms_p50"],
+                                                            rel=0.5)
+    assert _engine_latency_s(served.base) is None
